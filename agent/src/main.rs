@@ -1,0 +1,3 @@
+//! `flotilla-agent` binary.
+
+fn main() {}

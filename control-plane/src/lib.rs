@@ -1,0 +1,1 @@
+//! Flotilla control plane library and operator commands.

@@ -1,0 +1,3 @@
+//! `flotilla` binary.
+
+fn main() {}
