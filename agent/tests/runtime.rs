@@ -185,7 +185,7 @@ fn long_text_is_truncated_or_rejected_per_bundle() {
     assert_eq!(batch.ids[0].len(), 128);
     assert_eq!(*batch.ids[0].last().unwrap(), 3, "closing [SEP] is kept");
     assert!(batch.truncated[0]);
-    assert!(model.run_texts(&[long.clone()]).is_ok());
+    assert!(model.run_texts(std::slice::from_ref(&long)).is_ok());
 
     let mut strict = meta("tiny-bert-embed");
     strict.text.as_mut().unwrap().truncation = Truncation::Reject;

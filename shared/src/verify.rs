@@ -289,7 +289,7 @@ impl Verifier {
     /// Verifies a whole bundle: header checks, then every payload byte.
     pub fn verify(&self, data: &[u8]) -> Result<VerifiedBundle, VerifyError> {
         let bundle = Bundle::parse(data)?;
-        let verified = self.verify_parsed_header(&bundle.manifest_bytes, &bundle.signatures)?;
+        let verified = self.verify_parsed_header(bundle.manifest_bytes, &bundle.signatures)?;
         verify_payload(&verified.digest, &verified.manifest, bundle.payload)?;
         Ok(verified)
     }
@@ -390,7 +390,7 @@ impl Verifier {
 }
 
 /// Format rules every manifest must satisfy, independent of host and time.
-fn check_manifest(digest: &Sha256Digest, m: &Manifest) -> Result<(), VerifyError> {
+pub fn check_manifest(digest: &Sha256Digest, m: &Manifest) -> Result<(), VerifyError> {
     let invalid = |reason: String| VerifyError::InvalidManifest {
         digest: *digest,
         reason,

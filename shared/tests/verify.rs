@@ -536,9 +536,12 @@ fn accelerator_and_agent_version_requirements() {
     ));
 }
 
+/// An edit applied to a valid manifest before re-signing it.
+type Edit = Box<dyn FnOnce(&mut Manifest)>;
+
 #[test]
 fn inconsistent_manifests_are_invalid() {
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut Manifest)>)> = vec![
+    let cases: Vec<(&str, Edit)> = vec![
         (
             "chunk count",
             Box::new(|m| {
