@@ -36,3 +36,74 @@ pub fn source_files(dir: &Path, extension: &str) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// The committed test models.
+pub fn models_dir() -> PathBuf {
+    repo_root().join("models")
+}
+
+/// Deterministic keys for tests: a publisher and the control plane.
+pub struct TestKeys {
+    /// Signs bundles.
+    pub publisher: flotilla_shared::SecretKey,
+    /// Signs desired states.
+    pub control_plane: flotilla_shared::SecretKey,
+}
+
+impl Default for TestKeys {
+    fn default() -> Self {
+        Self {
+            publisher: flotilla_shared::SecretKey::from_seed([11; 32]),
+            control_plane: flotilla_shared::SecretKey::from_seed([22; 32]),
+        }
+    }
+}
+
+/// Packs a committed model with the real packer and signs it with `key`.
+pub fn pack_signed(model: &str, key: &flotilla_shared::SecretKey) -> Vec<u8> {
+    pack_signed_with(model, key, |_| {})
+}
+
+/// Like [`pack_signed`], after letting `edit` change the spec directory's copy of the model
+/// (for example to bump its version and sequence).
+pub fn pack_signed_with(
+    model: &str,
+    key: &flotilla_shared::SecretKey,
+    edit: impl FnOnce(&Path),
+) -> Vec<u8> {
+    let source = models_dir().join(model);
+    let dir = tempfile::tempdir().expect("temporary directory");
+    for entry in std::fs::read_dir(&source).expect("model directory") {
+        let entry = entry.expect("directory entry");
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copy model file");
+    }
+    edit(dir.path());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    let packed = flotilla_control_plane::pack::pack(dir.path(), now, &()).expect("model packs");
+    let mut bundle = flotilla_shared::Bundle::parse(&packed.bytes).expect("packed bundle parses");
+    bundle.add_signature(key);
+    bundle.to_bytes()
+}
+
+/// Rewrites `version` and `sequence` in a copied model's bundle.toml.
+pub fn set_release(dir: &Path, version: &str, sequence: u64) {
+    let spec_path = dir.join("bundle.toml");
+    let spec = std::fs::read_to_string(&spec_path).expect("bundle.toml");
+    let spec: String = spec
+        .lines()
+        .map(|line| {
+            if line.starts_with("version = ") {
+                format!("version = \"{version}\"")
+            } else if line.starts_with("sequence = ") {
+                format!("sequence = {sequence}")
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(spec_path, spec).expect("write bundle.toml");
+}

@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Sha256Digest;
 
+mod messages;
+pub use messages::*;
+
 /// Version of the envelope and message bodies; receivers refuse others.
 pub const PROTOCOL_VERSION: u16 = 1;
 
@@ -24,14 +27,10 @@ pub mod topics {
         format!("{TOPIC_ROOT}/agents/{agent}/state")
     }
 
-    /// Periodic health and metrics from an agent.
-    pub fn agent_heartbeat(agent: &str) -> String {
-        format!("{TOPIC_ROOT}/agents/{agent}/heartbeat")
-    }
-
-    /// Install progress and other notable events from an agent.
-    pub fn agent_events(agent: &str) -> String {
-        format!("{TOPIC_ROOT}/agents/{agent}/events")
+    /// An agent's telemetry: heartbeats and events in one ordered stream, so one sequence
+    /// number per agent reveals any gap.
+    pub fn agent_telemetry(agent: &str) -> String {
+        format!("{TOPIC_ROOT}/agents/{agent}/telemetry")
     }
 
     /// Retained, signed desired state for one agent, from the control plane.
@@ -178,7 +177,7 @@ mod tests {
     #[test]
     fn agent_is_recovered_from_its_topics() {
         assert_eq!(
-            topics::agent_of(&topics::agent_heartbeat("edge-1")),
+            topics::agent_of(&topics::agent_telemetry("edge-1")),
             Some("edge-1")
         );
         assert_eq!(topics::agent_of("flotilla/v1/bundles/x/chunks"), None);

@@ -1,0 +1,383 @@
+//! Turning bundle bytes into a serving model: verify, keep, extract, load, self-test, activate.
+//!
+//! Each step either completes or leaves the previous state untouched: bundle files and extracted
+//! folders are written under temporary names and renamed into place, and the active bundle is
+//! recorded in sled only after its model loaded and passed every self-test. After a crash the
+//! agent therefore restarts on a complete, verified model, old or new.
+//!
+//! Everything here blocks (hashing, file writes, model optimisation); async callers use
+//! `spawn_blocking`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use flotilla_shared::bundle::payload_entries;
+use flotilla_shared::manifest::{Backend, Manifest};
+use flotilla_shared::{Bundle, HostProfile, PublicKey, Sha256Digest, VerifiedBundle, Verifier};
+use tracing::{info, warn};
+
+use crate::runtime::{available_backends, selftest, Model};
+use crate::serving::{ModelSlot, ServedModel};
+use crate::store::Store;
+
+/// The install step that failed, as reported to the control plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Fetching chunks.
+    Download,
+    /// Signature, expiry, sequence, requirements or payload checks.
+    Verify,
+    /// Writing, extracting or loading.
+    Stage,
+    /// A self-test vector did not match.
+    SelfTest,
+    /// Recording or switching.
+    Activate,
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Download => "download",
+            Self::Verify => "verify",
+            Self::Stage => "stage",
+            Self::SelfTest => "self_test",
+            Self::Activate => "activate",
+        })
+    }
+}
+
+/// An install that stopped, and why; the previous model keeps serving.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("install failed at {stage}: {reason}")]
+pub struct InstallError {
+    /// Step that failed.
+    pub stage: Stage,
+    /// Why.
+    pub reason: String,
+}
+
+impl InstallError {
+    /// Builds an error for `stage` from anything displayable.
+    pub fn at(stage: Stage, reason: impl fmt::Display) -> Self {
+        Self {
+            stage,
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// Keys and thresholds the agent trusts.
+#[derive(Debug, Clone)]
+pub struct Trust {
+    /// Bundle publishers.
+    pub publishers: Vec<PublicKey>,
+    /// Distinct publisher signatures required.
+    pub threshold: usize,
+    /// Signer of desired states.
+    pub control_plane: Option<PublicKey>,
+}
+
+/// Performs installs against one data directory.
+#[derive(Debug, Clone)]
+pub struct Installer {
+    store: Store,
+    trust: Arc<Trust>,
+    backends: Vec<Backend>,
+}
+
+/// A bundle that passed its self-tests and is ready to switch to.
+#[derive(Debug)]
+pub struct Staged {
+    /// The loaded model.
+    pub served: Arc<ServedModel>,
+    /// Self-test outcomes (all passed).
+    pub outcomes: Vec<selftest::SelfTestOutcome>,
+}
+
+/// What start-up restored.
+#[derive(Debug)]
+pub struct Restored {
+    /// The model now loaded.
+    pub staged: Staged,
+    /// Whether the recorded active bundle failed and the previous one serves instead.
+    pub fell_back: bool,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Installer {
+    /// An installer using `backends` in order of preference.
+    pub fn new(store: Store, trust: Trust, backends: Vec<Backend>) -> Self {
+        Self {
+            store,
+            trust: Arc::new(trust),
+            backends,
+        }
+    }
+
+    /// The trust configuration.
+    pub fn trust(&self) -> &Trust {
+        &self.trust
+    }
+
+    /// The durable state.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// This host as the verifier sees it.
+    pub fn host(&self) -> HostProfile {
+        HostProfile {
+            architecture: std::env::consts::ARCH.to_owned(),
+            backends: self.usable_backends(),
+            accelerator: false,
+            agent_version: crate::agent_version(),
+        }
+    }
+
+    fn usable_backends(&self) -> Vec<Backend> {
+        let built = available_backends();
+        self.backends
+            .iter()
+            .copied()
+            .filter(|b| built.contains(b))
+            .collect()
+    }
+
+    fn verifier(&self, now: u64) -> Result<Verifier, InstallError> {
+        Verifier::new(&self.trust.publishers, self.trust.threshold, now)
+            .map(|v| v.host(self.host()))
+            .map_err(|e| InstallError::at(Stage::Verify, e))
+    }
+
+    /// Checks a header (everything before the payload) as new: trusted, fresh, above the model's
+    /// sequence floor, runnable here. Downloads call this before fetching any payload chunk.
+    pub fn check_new_header(&self, header: &[u8]) -> Result<VerifiedBundle, InstallError> {
+        let verifier = self.verifier(now())?;
+        let verified = verifier
+            .verify_header(header)
+            .map_err(|e| InstallError::at(Stage::Verify, e))?;
+        let floor = self
+            .store
+            .floor(&verified.manifest.name)
+            .map_err(|e| InstallError::at(Stage::Verify, e))?;
+        match floor {
+            Some(floor) => verifier
+                .sequence_floor(floor)
+                .verify_header(header)
+                .map_err(|e| InstallError::at(Stage::Verify, e)),
+            None => Ok(verified),
+        }
+    }
+
+    /// Verifies complete bundle bytes as new (see [`Installer::check_new_header`]) and the
+    /// whole payload.
+    pub fn verify_new(&self, bytes: &[u8]) -> Result<VerifiedBundle, InstallError> {
+        let verified = self.check_new_header(bytes)?;
+        let mut verifier = self.verifier(now())?;
+        if let Some(floor) = self
+            .store
+            .floor(&verified.manifest.name)
+            .map_err(|e| InstallError::at(Stage::Verify, e))?
+        {
+            verifier = verifier.sequence_floor(floor);
+        }
+        verifier
+            .verify(bytes)
+            .map_err(|e| InstallError::at(Stage::Verify, e))
+    }
+
+    /// Verifies a bundle this agent already accepted once (active, previous, or a rollback
+    /// target): signatures, requirements and payload, but neither expiry nor the sequence floor.
+    /// A model that was serving keeps serving after a restart even if its bundle has since
+    /// expired, and the control plane may roll an agent back to a bundle it kept.
+    pub fn verify_kept(&self, bytes: &[u8]) -> Result<VerifiedBundle, InstallError> {
+        // Time zero disables the expiry check only; everything else applies.
+        let verified = self
+            .verifier(0)?
+            .verify(bytes)
+            .map_err(|e| InstallError::at(Stage::Verify, e))?;
+        if verified.manifest.expires_at < now() {
+            warn!(digest = %verified.digest.short(), "kept bundle has expired; serving it anyway");
+        }
+        Ok(verified)
+    }
+
+    /// Whether a complete bundle is already on disk (so no download is needed).
+    pub fn has_bundle(&self, digest: &Sha256Digest) -> bool {
+        self.store.bundle_path(digest).is_file()
+    }
+
+    /// Reads a kept bundle file.
+    pub fn read_kept(&self, digest: &Sha256Digest) -> Result<Vec<u8>, InstallError> {
+        let path = self.store.bundle_path(digest);
+        std::fs::read(&path).map_err(|e| {
+            InstallError::at(Stage::Stage, format!("cannot read {}: {e}", path.display()))
+        })
+    }
+
+    /// Writes verified bundle bytes to the bundle store (atomically).
+    pub fn keep(&self, verified: &VerifiedBundle, bytes: &[u8]) -> Result<(), InstallError> {
+        let path = self.store.bundle_path(&verified.digest);
+        write_atomic(&path, bytes).map_err(|e| InstallError::at(Stage::Stage, format!("{e:#}")))
+    }
+
+    /// Extracts, loads and self-tests a verified bundle. Nothing is activated.
+    pub fn stage(&self, verified: &VerifiedBundle, bytes: &[u8]) -> Result<Staged, InstallError> {
+        let dir = self
+            .extract(verified, bytes)
+            .map_err(|e| InstallError::at(Stage::Stage, format!("{e:#}")))?;
+        let served = self.load(verified, &dir)?;
+
+        let outcomes = selftest::run_all(&served.model, &verified.manifest.self_tests);
+        if let Some(failed) = outcomes.iter().find(|o| !o.passed()) {
+            let reason = format!(
+                "self-test {:?}: {}",
+                failed.name,
+                failed.failure.as_deref().unwrap_or("failed")
+            );
+            return Err(InstallError::at(Stage::SelfTest, reason));
+        }
+        Ok(Staged {
+            served: Arc::new(served),
+            outcomes,
+        })
+    }
+
+    fn load(&self, verified: &VerifiedBundle, dir: &Path) -> Result<ServedModel, InstallError> {
+        let allowed = &verified.manifest.requirements.backends;
+        let backend = self
+            .usable_backends()
+            .into_iter()
+            .find(|b| allowed.contains(b))
+            .ok_or_else(|| InstallError::at(Stage::Stage, "no usable backend"))?;
+        let started = Instant::now();
+        let model = Model::load(dir, &verified.manifest.model, backend)
+            .map_err(|e| InstallError::at(Stage::Stage, e))?;
+        Ok(ServedModel {
+            model,
+            manifest: verified.manifest.clone(),
+            digest: verified.digest,
+            load_time: started.elapsed(),
+        })
+    }
+
+    /// Extracts payload files into `models/D/`, unless a complete copy whose files match the
+    /// manifest is already there. Writes to a staging folder and renames it into place.
+    fn extract(&self, verified: &VerifiedBundle, bytes: &[u8]) -> Result<PathBuf> {
+        let target = self.store.model_dir(&verified.digest);
+        if extracted_matches(&target, &verified.manifest) {
+            return Ok(target);
+        }
+        if target.exists() {
+            warn!(digest = %verified.digest.short(), "extracted files differ from the manifest; extracting again");
+            std::fs::remove_dir_all(&target)
+                .with_context(|| format!("cannot remove {}", target.display()))?;
+        }
+
+        let staging = self.store.staging_dir(&verified.digest);
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging)
+                .with_context(|| format!("cannot remove {}", staging.display()))?;
+        }
+        std::fs::create_dir_all(&staging)
+            .with_context(|| format!("cannot create {}", staging.display()))?;
+        let payload = Bundle::parse(bytes)?.payload;
+        for entry in payload_entries(payload)? {
+            // Paths were checked by the verifier: relative, normal components only.
+            let path = staging.join(entry.path);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("cannot create {}", parent.display()))?;
+            }
+            write_synced(&path, entry.data)?;
+        }
+        sync_dir(&staging)?;
+        std::fs::rename(&staging, &target)
+            .with_context(|| format!("cannot move {} into place", staging.display()))?;
+        sync_dir(target.parent().unwrap_or(&target))?;
+        Ok(target)
+    }
+
+    /// Records `staged` as active and switches the slot; returns the model it replaced.
+    pub fn activate(
+        &self,
+        staged: &Staged,
+        slot: &ModelSlot,
+    ) -> Result<Option<Arc<ServedModel>>, InstallError> {
+        let m = &staged.served.manifest;
+        self.store
+            .record_activation(&staged.served.digest, &m.name, m.sequence)
+            .map_err(|e| InstallError::at(Stage::Activate, format!("{e:#}")))?;
+        info!(model = %m.id(), digest = %staged.served.digest.short(), "model activated");
+        Ok(slot.activate(staged.served.clone()))
+    }
+
+    /// Loads what the agent served before it stopped: the recorded active bundle, or, if that
+    /// cannot be loaded and verified, the previous one (recorded as active from then on).
+    pub fn restore(&self) -> Result<Option<Restored>> {
+        let candidates = [self.store.active()?, self.store.previous()?];
+        for (index, digest) in candidates.into_iter().enumerate() {
+            let Some(digest) = digest else { continue };
+            let attempt = self.read_kept(&digest).and_then(|bytes| {
+                let verified = self.verify_kept(&bytes)?;
+                let staged = self.stage(&verified, &bytes)?;
+                Ok(staged)
+            });
+            match attempt {
+                Ok(staged) => {
+                    let fell_back = index == 1;
+                    if fell_back {
+                        self.store.record_fallback(&digest)?;
+                    }
+                    return Ok(Some(Restored { staged, fell_back }));
+                }
+                Err(e) => warn!(digest = %digest.short(), error = %e, "cannot restore bundle"),
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Whether `dir` holds every manifest file with the right size and hash.
+fn extracted_matches(dir: &Path, manifest: &Manifest) -> bool {
+    manifest.files.iter().all(|f| {
+        std::fs::read(dir.join(&f.path))
+            .is_ok_and(|data| data.len() as u64 == f.size && Sha256Digest::of(&data) == f.sha256)
+    })
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(data)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.sync_all()
+        .with_context(|| format!("cannot sync {}", path.display()))?;
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync directory {}", dir.display()))
+}
+
+/// Writes a file under a temporary name, syncs it, and renames it over `path`.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    write_synced(&tmp, data)?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move {} into place", path.display()))?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}

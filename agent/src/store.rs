@@ -1,0 +1,246 @@
+//! The agent's durable state in sled, and the layout of its data directory.
+//!
+//! ```text
+//! DATA_DIR/state/            sled: active/previous bundle, sequence floors, download progress,
+//!                            desired-state generation, session counter, telemetry outbox
+//! DATA_DIR/bundles/D.fbundle complete, verified bundle files (active, previous, candidate)
+//! DATA_DIR/models/D/         extracted payload files of bundle D, written to a staging folder
+//!                            and renamed into place, so a folder here is always complete
+//! DATA_DIR/downloads/D.*     partial downloads: header and payload written chunk by chunk
+//! ```
+//!
+//! Every sled write that a later step depends on is flushed before that step runs, so after a
+//! crash the recorded active bundle is always one whose files are complete on disk.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use flotilla_shared::Sha256Digest;
+
+/// Key names in the `state` tree.
+mod keys {
+    pub const ACTIVE: &[u8] = b"active";
+    pub const PREVIOUS: &[u8] = b"previous";
+    pub const GENERATION: &[u8] = b"desired_generation";
+}
+
+/// Durable agent state.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: sled::Db,
+    state: sled::Tree,
+    floors: sled::Tree,
+    downloads: sled::Tree,
+    root: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating) the data directory and its database.
+    pub fn open(root: &Path) -> Result<Self> {
+        for dir in ["bundles", "models", "downloads"] {
+            let path = root.join(dir);
+            std::fs::create_dir_all(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+        }
+        let db_path = root.join("state");
+        let db = sled::open(&db_path)
+            .with_context(|| format!("cannot open agent state {}", db_path.display()))?;
+        let tree = |name: &str| {
+            db.open_tree(name)
+                .with_context(|| format!("cannot open state tree {name}"))
+        };
+        Ok(Self {
+            state: tree("state")?,
+            floors: tree("floors")?,
+            downloads: tree("downloads")?,
+            db: db.clone(),
+            root: root.to_owned(),
+        })
+    }
+
+    /// A named tree for other components (session counter, telemetry outbox).
+    pub fn tree(&self, name: &str) -> Result<sled::Tree> {
+        self.db
+            .open_tree(name)
+            .with_context(|| format!("cannot open state tree {name}"))
+    }
+
+    /// Flushes everything to disk.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush().context("cannot flush agent state")?;
+        Ok(())
+    }
+
+    /// The data directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where a complete bundle file lives.
+    pub fn bundle_path(&self, digest: &Sha256Digest) -> PathBuf {
+        self.root.join("bundles").join(format!("{digest}.fbundle"))
+    }
+
+    /// Where a bundle's extracted files live.
+    pub fn model_dir(&self, digest: &Sha256Digest) -> PathBuf {
+        self.root.join("models").join(digest.to_hex())
+    }
+
+    /// Staging folder for extraction, renamed to [`Store::model_dir`] when complete.
+    pub fn staging_dir(&self, digest: &Sha256Digest) -> PathBuf {
+        self.root.join("models").join(format!(".staging-{digest}"))
+    }
+
+    /// Partial download files: header, payload.
+    pub fn download_paths(&self, digest: &Sha256Digest) -> (PathBuf, PathBuf) {
+        let dir = self.root.join("downloads");
+        (
+            dir.join(format!("{digest}.header")),
+            dir.join(format!("{digest}.payload")),
+        )
+    }
+
+    /// Bundle the agent serves, as recorded.
+    pub fn active(&self) -> Result<Option<Sha256Digest>> {
+        self.digest_at(keys::ACTIVE)
+    }
+
+    /// Bundle served before the active one, kept for rollback without download.
+    pub fn previous(&self) -> Result<Option<Sha256Digest>> {
+        self.digest_at(keys::PREVIOUS)
+    }
+
+    fn digest_at(&self, key: &[u8]) -> Result<Option<Sha256Digest>> {
+        let Some(value) = self.state.get(key).context("cannot read agent state")? else {
+            return Ok(None);
+        };
+        let bytes: [u8; 32] = value
+            .as_ref()
+            .try_into()
+            .context("corrupt digest in agent state")?;
+        Ok(Some(Sha256Digest(bytes)))
+    }
+
+    /// Records `digest` as active (the old active becomes previous) and raises the model's
+    /// sequence floor, in one batch, flushed before returning.
+    pub fn record_activation(
+        &self,
+        digest: &Sha256Digest,
+        model: &str,
+        sequence: u64,
+    ) -> Result<()> {
+        let old = self.active()?;
+        let mut batch = sled::Batch::default();
+        batch.insert(keys::ACTIVE, &digest.0[..]);
+        if let Some(old) = old.filter(|o| o != digest) {
+            batch.insert(keys::PREVIOUS, &old.0[..]);
+        }
+        self.state
+            .apply_batch(batch)
+            .context("cannot record activation")?;
+        self.raise_floor(model, sequence)?;
+        self.flush()
+    }
+
+    /// Records that the active bundle could not be loaded at start and `fallback` serves instead.
+    pub fn record_fallback(&self, fallback: &Sha256Digest) -> Result<()> {
+        self.state
+            .insert(keys::ACTIVE, &fallback.0[..])
+            .context("cannot record fallback")?;
+        self.flush()
+    }
+
+    /// Highest sequence number accepted for `model`; new downloads must exceed it.
+    pub fn floor(&self, model: &str) -> Result<Option<u64>> {
+        Ok(self
+            .floors
+            .get(model)
+            .context("cannot read sequence floor")?
+            .map(|v| be_u64(&v)))
+    }
+
+    fn raise_floor(&self, model: &str, sequence: u64) -> Result<()> {
+        self.floors
+            .fetch_and_update(model, |old| {
+                let current = old.map(be_u64).unwrap_or(0);
+                Some(current.max(sequence).to_be_bytes().to_vec())
+            })
+            .context("cannot raise sequence floor")?;
+        Ok(())
+    }
+
+    /// Newest desired-state generation applied.
+    pub fn desired_generation(&self) -> Result<u64> {
+        Ok(self
+            .state
+            .get(keys::GENERATION)
+            .context("cannot read agent state")?
+            .map_or(0, |v| be_u64(&v)))
+    }
+
+    /// Records the newest desired-state generation, flushed.
+    pub fn set_desired_generation(&self, generation: u64) -> Result<()> {
+        self.state
+            .insert(keys::GENERATION, &generation.to_be_bytes())
+            .context("cannot record generation")?;
+        self.flush()
+    }
+
+    /// Which payload chunks of a download are on disk, one bit per chunk.
+    pub fn download_bitmap(&self, digest: &Sha256Digest) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .downloads
+            .get(digest.0)
+            .context("cannot read download progress")?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Persists download progress. Callers sync the chunk data first.
+    pub fn set_download_bitmap(&self, digest: &Sha256Digest, bitmap: &[u8]) -> Result<()> {
+        self.downloads
+            .insert(digest.0, bitmap)
+            .context("cannot record download progress")?;
+        Ok(())
+    }
+
+    /// Forgets a download's progress.
+    pub fn clear_download(&self, digest: &Sha256Digest) -> Result<()> {
+        self.downloads
+            .remove(digest.0)
+            .context("cannot clear download progress")?;
+        Ok(())
+    }
+}
+
+fn be_u64(bytes: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    let n = bytes.len().min(8);
+    a[8 - n..].copy_from_slice(&bytes[bytes.len() - n..]);
+    u64::from_be_bytes(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activation_moves_active_to_previous_and_raises_the_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (a, b) = (Sha256Digest::of(b"a"), Sha256Digest::of(b"b"));
+        store.record_activation(&a, "m", 3).unwrap();
+        store.record_activation(&b, "m", 2).unwrap();
+        assert_eq!(store.active().unwrap(), Some(b));
+        assert_eq!(store.previous().unwrap(), Some(a));
+        assert_eq!(
+            store.floor("m").unwrap(),
+            Some(3),
+            "the floor never goes down"
+        );
+        drop(store);
+
+        let reopened = Store::open(dir.path()).unwrap();
+        assert_eq!(reopened.active().unwrap(), Some(b));
+        assert_eq!(reopened.floor("m").unwrap(), Some(3));
+    }
+}

@@ -1,0 +1,341 @@
+//! The agent's install pipeline on real bundles: resumable chunked download with loss and
+//! corruption, verification, self-test gating, atomic activation, and restore after restart.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use flotilla_agent::download::{self, DownloadConfig, Requester};
+use flotilla_agent::install::{Installer, Stage, Trust};
+use flotilla_agent::serving::ModelSlot;
+use flotilla_agent::store::Store;
+use flotilla_shared::manifest::Backend;
+use flotilla_shared::wire::{Chunk, ChunkPart, ChunkRequest};
+use flotilla_shared::{Bundle, Sha256Digest};
+use flotilla_tests::{pack_signed, pack_signed_with, set_release, TestKeys};
+use tokio::sync::mpsc;
+
+/// Plays the control plane's chunk service in-process, with knobs for loss and corruption.
+struct FakeServer {
+    bundle: Vec<u8>,
+    tx: mpsc::Sender<Chunk>,
+    log: Mutex<Vec<u32>>,
+    /// Chunks whose first answer is lost.
+    lose_once: Mutex<HashSet<u32>>,
+    /// Chunks whose first answer has a flipped byte.
+    corrupt_once: Mutex<HashSet<u32>>,
+    /// Stop answering after this many payload chunks (simulates a crash mid-download).
+    answer_limit: Mutex<Option<usize>>,
+}
+
+impl FakeServer {
+    fn new(bundle: Vec<u8>) -> (Arc<Self>, mpsc::Receiver<Chunk>) {
+        let (tx, rx) = mpsc::channel(1024);
+        let server = Self {
+            bundle,
+            tx,
+            log: Mutex::default(),
+            lose_once: Mutex::default(),
+            corrupt_once: Mutex::default(),
+            answer_limit: Mutex::default(),
+        };
+        (Arc::new(server), rx)
+    }
+
+    fn requested(&self) -> Vec<u32> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Requester for FakeServer {
+    fn request(&self, _digest: &Sha256Digest, request: ChunkRequest) -> Result<(), String> {
+        let bundle = Bundle::parse(&self.bundle).unwrap();
+        let manifest = bundle.decode_manifest_unverified().unwrap();
+        if request.header {
+            let header_len = self.bundle.len() - bundle.payload.len();
+            let data = self.bundle[..header_len].to_vec();
+            self.tx
+                .try_send(Chunk {
+                    part: ChunkPart::Header,
+                    data,
+                })
+                .unwrap();
+        }
+        for index in request.chunks {
+            let mut limit = self.answer_limit.lock().unwrap();
+            if let Some(left) = limit.as_mut() {
+                if *left == 0 {
+                    continue;
+                }
+                *left -= 1;
+            }
+            self.log.lock().unwrap().push(index);
+            if self.lose_once.lock().unwrap().remove(&index) {
+                continue;
+            }
+            let range = manifest.chunk_range(index as usize).unwrap();
+            let mut data = bundle.payload[range.start as usize..range.end as usize].to_vec();
+            if self.corrupt_once.lock().unwrap().remove(&index) {
+                data[0] ^= 0xff;
+            }
+            self.tx
+                .try_send(Chunk {
+                    part: ChunkPart::Payload(index),
+                    data,
+                })
+                .unwrap();
+        }
+        Ok(())
+    }
+}
+
+fn installer(dir: &std::path::Path, keys: &TestKeys) -> Installer {
+    let store = Store::open(dir).unwrap();
+    let trust = Trust {
+        publishers: vec![keys.publisher.public()],
+        threshold: 1,
+        control_plane: Some(keys.control_plane.public()),
+    };
+    Installer::new(store, trust, vec![Backend::Tract])
+}
+
+fn fast() -> DownloadConfig {
+    DownloadConfig {
+        window: 4,
+        retry_after: std::time::Duration::from_millis(100),
+        max_retry_after: std::time::Duration::from_millis(400),
+        unknown_limit: 3,
+    }
+}
+
+fn digest_of(bundle: &[u8]) -> Sha256Digest {
+    Bundle::parse(bundle).unwrap().digest()
+}
+
+/// A multi-chunk bundle: the embedding model at the minimum chunk size.
+fn chunky_bundle(keys: &TestKeys) -> Vec<u8> {
+    pack_signed_with("tiny-bert-embed", &keys.publisher, |dir| {
+        let spec = dir.join("bundle.toml");
+        let text = std::fs::read_to_string(&spec).unwrap();
+        std::fs::write(
+            &spec,
+            text.replacen("valid_days", "chunk_size = 16384\nvalid_days", 1),
+        )
+        .unwrap();
+    })
+}
+
+async fn fetch(
+    installer: &Installer,
+    server: &FakeServer,
+    rx: &mut mpsc::Receiver<Chunk>,
+) -> Result<Vec<u8>, flotilla_agent::install::InstallError> {
+    let digest = digest_of(&server.bundle);
+    download::download(
+        digest,
+        "edge-1",
+        installer,
+        server,
+        rx,
+        &fast(),
+        Arc::new(|_, _| {}),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn lost_and_corrupted_chunks_are_requested_again() {
+    let keys = TestKeys::default();
+    let dir = tempfile::tempdir().unwrap();
+    let inst = installer(dir.path(), &keys);
+    let bundle = chunky_bundle(&keys);
+    let (server, mut rx) = FakeServer::new(bundle.clone());
+    server.lose_once.lock().unwrap().extend([1, 5]);
+    server.corrupt_once.lock().unwrap().extend([2, 7]);
+
+    let bytes = fetch(&inst, &server, &mut rx).await.unwrap();
+    assert_eq!(bytes, bundle);
+    let requested = server.requested();
+    for index in [1, 2, 5, 7] {
+        assert_eq!(
+            requested.iter().filter(|i| **i == index).count(),
+            2,
+            "chunk {index}: {requested:?}"
+        );
+    }
+    assert_eq!(requested.iter().filter(|i| **i == 0).count(), 1);
+}
+
+#[tokio::test]
+async fn restart_mid_download_fetches_only_missing_chunks() {
+    let keys = TestKeys::default();
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = chunky_bundle(&keys);
+    let total = Bundle::parse(&bundle)
+        .unwrap()
+        .decode_manifest_unverified()
+        .unwrap()
+        .chunks
+        .len();
+    assert!(total >= 10, "needs a multi-chunk bundle, got {total}");
+
+    {
+        // First run: the server goes quiet after 6 chunks; the download is abandoned (a crash).
+        let inst = installer(dir.path(), &keys);
+        let (server, mut rx) = FakeServer::new(bundle.clone());
+        *server.answer_limit.lock().unwrap() = Some(6);
+        let attempt = tokio::time::timeout(
+            std::time::Duration::from_millis(800),
+            fetch(&inst, &server, &mut rx),
+        )
+        .await;
+        assert!(
+            attempt.is_err(),
+            "download cannot finish with a silent server"
+        );
+        assert_eq!(server.requested().len(), 6);
+    }
+
+    // Second run on the same data directory: resumes, never asks for the 6 it holds.
+    let inst = installer(dir.path(), &keys);
+    let (server, mut rx) = FakeServer::new(bundle.clone());
+    let bytes = fetch(&inst, &server, &mut rx).await.unwrap();
+    assert_eq!(bytes, bundle);
+    let requested = server.requested();
+    assert_eq!(requested.len(), total - 6, "{requested:?}");
+    assert!(
+        requested.iter().all(|i| *i >= 4),
+        "early chunks were already held: {requested:?}"
+    );
+}
+
+#[tokio::test]
+async fn header_from_an_untrusted_publisher_stops_before_any_payload() {
+    let keys = TestKeys::default();
+    let dir = tempfile::tempdir().unwrap();
+    let inst = installer(dir.path(), &keys);
+    let stranger = flotilla_shared::SecretKey::from_seed([99; 32]);
+    let (server, mut rx) = FakeServer::new(pack_signed("tiny-mlp-raw", &stranger));
+    let err = fetch(&inst, &server, &mut rx).await.unwrap_err();
+    assert_eq!(err.stage, Stage::Verify);
+    assert!(err.reason.contains("unknown keys"), "{err}");
+    assert!(
+        server.requested().is_empty(),
+        "no payload chunk was requested"
+    );
+}
+
+#[tokio::test]
+async fn self_test_failure_keeps_the_current_model() {
+    let keys = TestKeys::default();
+    let dir = tempfile::tempdir().unwrap();
+    let inst = installer(dir.path(), &keys);
+    let slot = ModelSlot::new(2);
+
+    let good = pack_signed("tiny-bert-embed", &keys.publisher);
+    let verified = inst.verify_new(&good).unwrap();
+    inst.keep(&verified, &good).unwrap();
+    let staged = inst.stage(&verified, &good).unwrap();
+    inst.activate(&staged, &slot).unwrap();
+
+    let bad = pack_signed("tiny-bert-selftest-fail", &keys.publisher);
+    let verified_bad = inst.verify_new(&bad).unwrap();
+    let err = inst.stage(&verified_bad, &bad).unwrap_err();
+    assert_eq!(err.stage, Stage::SelfTest);
+    assert!(err.reason.contains("exceeds tolerance"), "{err}");
+    assert_eq!(slot.current().unwrap().digest, verified.digest);
+    assert_eq!(inst.store().active().unwrap(), Some(verified.digest));
+}
+
+#[tokio::test]
+async fn unloadable_model_fails_at_stage() {
+    let keys = TestKeys::default();
+    let dir = tempfile::tempdir().unwrap();
+    let inst = installer(dir.path(), &keys);
+    let broken = pack_signed("broken-load", &keys.publisher);
+    let verified = inst.verify_new(&broken).unwrap();
+    let err = inst.stage(&verified, &broken).unwrap_err();
+    assert_eq!(err.stage, Stage::Stage);
+    assert!(err.reason.contains("FlotillaNoSuchOp"), "{err}");
+}
+
+#[tokio::test]
+async fn sequence_floor_blocks_replays_but_kept_bundles_can_be_restored() {
+    let keys = TestKeys::default();
+    let dir = tempfile::tempdir().unwrap();
+    let inst = installer(dir.path(), &keys);
+    let slot = ModelSlot::new(2);
+
+    let v1 = pack_signed("tiny-mlp-raw", &keys.publisher);
+    let v2 = pack_signed_with("tiny-mlp-raw", &keys.publisher, |d| {
+        set_release(d, "1.1.0", 2)
+    });
+    for bundle in [&v1, &v2] {
+        let verified = inst.verify_new(bundle).unwrap();
+        inst.keep(&verified, bundle).unwrap();
+        let staged = inst.stage(&verified, bundle).unwrap();
+        inst.activate(&staged, &slot).unwrap();
+    }
+    let err = inst.verify_new(&v1).unwrap_err();
+    assert!(err.reason.contains("not above the floor 2"), "{err}");
+
+    // Rollback path: v1 was kept, so it verifies as kept and stages without download.
+    assert!(inst.has_bundle(&digest_of(&v1)));
+    let kept = inst.read_kept(&digest_of(&v1)).unwrap();
+    let verified = inst.verify_kept(&kept).unwrap();
+    inst.stage(&verified, &kept).unwrap();
+}
+
+#[tokio::test]
+async fn restart_restores_active_or_falls_back_to_previous() {
+    let keys = TestKeys::default();
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = pack_signed("tiny-mlp-raw", &keys.publisher);
+    let v2 = pack_signed_with("tiny-mlp-raw", &keys.publisher, |d| {
+        set_release(d, "1.1.0", 2)
+    });
+    {
+        let inst = installer(dir.path(), &keys);
+        let slot = ModelSlot::new(2);
+        for bundle in [&v1, &v2] {
+            let verified = inst.verify_new(bundle).unwrap();
+            inst.keep(&verified, bundle).unwrap();
+            let staged = inst.stage(&verified, bundle).unwrap();
+            inst.activate(&staged, &slot).unwrap();
+        }
+    }
+
+    let inst = installer(dir.path(), &keys);
+    let restored = inst.restore().unwrap().unwrap();
+    assert_eq!(restored.staged.served.digest, digest_of(&v2));
+    assert!(!restored.fell_back);
+
+    // Damage v2's kept bundle file: the restart must serve v1, complete and verified.
+    let path = inst.store().bundle_path(&digest_of(&v2));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    drop(inst);
+
+    let inst = installer(dir.path(), &keys);
+    let restored = inst.restore().unwrap().unwrap();
+    assert_eq!(restored.staged.served.digest, digest_of(&v1));
+    assert!(restored.fell_back);
+    assert_eq!(inst.store().active().unwrap(), Some(digest_of(&v1)));
+}
+
+#[tokio::test]
+async fn tampered_extracted_files_are_replaced_from_the_verified_bundle() {
+    let keys = TestKeys::default();
+    let dir = tempfile::tempdir().unwrap();
+    let inst = installer(dir.path(), &keys);
+    let bundle = pack_signed("tiny-mlp-raw", &keys.publisher);
+    let verified = inst.verify_new(&bundle).unwrap();
+    inst.stage(&verified, &bundle).unwrap();
+
+    let model = inst.store().model_dir(&verified.digest).join("model.onnx");
+    std::fs::write(&model, b"not a model").unwrap();
+    inst.stage(&verified, &bundle)
+        .expect("re-extracts instead of loading the altered file");
+    assert_ne!(std::fs::read(&model).unwrap(), b"not a model");
+}
