@@ -76,8 +76,14 @@ impl Manifest {
         if index >= self.chunks.len() {
             return None;
         }
-        let start = index as u64 * u64::from(self.chunk_size);
-        let end = (start + u64::from(self.chunk_size)).min(self.payload_size);
+        let start = (index as u64).checked_mul(u64::from(self.chunk_size))?;
+        if start >= self.payload_size {
+            // Only an inconsistent (unverified) manifest lists a chunk past the payload.
+            return None;
+        }
+        let end = start
+            .saturating_add(u64::from(self.chunk_size))
+            .min(self.payload_size);
         Some(start..end)
     }
 }

@@ -431,6 +431,13 @@ pub fn check_manifest(digest: &Sha256Digest, m: &Manifest) -> Result<(), VerifyE
 
     let mut seen = HashSet::new();
     for file in &m.files {
+        if file.path.len() > crate::bundle::MAX_PATH_BYTES {
+            return Err(VerifyError::UnsafePath {
+                digest: *digest,
+                path: file.path.clone(),
+                reason: "path longer than 255 bytes",
+            });
+        }
         if let Err(reason) = check_path(&file.path) {
             return Err(VerifyError::UnsafePath {
                 digest: *digest,

@@ -614,6 +614,18 @@ fn header_alone_verifies_before_any_payload_arrives() {
 }
 
 #[test]
+fn chunk_ranges_of_an_inconsistent_manifest_are_none_not_backwards() {
+    let mut m = template();
+    m.payload_size = 10;
+    m.chunks = vec![Sha256Digest::of(b""); 3];
+    assert_eq!(m.chunk_range(0), Some(0..10));
+    assert_eq!(m.chunk_range(1), None);
+    assert!(!flotilla_shared::verify::chunk_is_valid(&m, 1, b""));
+    m.chunk_size = u32::MAX;
+    assert_eq!(m.chunk_range(2), None);
+}
+
+#[test]
 fn default_chunk_size_is_accepted() {
     let mut m = template();
     m.chunk_size = DEFAULT_CHUNK_SIZE;

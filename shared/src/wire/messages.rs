@@ -13,6 +13,8 @@ use crate::keys::{KeyId, PublicKey, SecretKey};
 use crate::manifest::Backend;
 
 /// Retained on `agents/{id}/state`: the birth message while connected, the will after.
+// One presence message is built per connection; boxing the birth would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Presence {
