@@ -69,7 +69,7 @@ pub struct BrokerConfig {
 }
 
 /// `[trust]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrustConfig {
     /// Public key files of trusted bundle publishers. Default: none (no bundle is accepted).
@@ -163,6 +163,16 @@ impl Default for BrokerConfig {
             username: None,
             password: None,
             keep_alive_secs: default_keep_alive(),
+        }
+    }
+}
+
+impl Default for TrustConfig {
+    fn default() -> Self {
+        Self {
+            publishers: Vec::new(),
+            threshold: default_threshold(),
+            control_plane: None,
         }
     }
 }
@@ -274,6 +284,11 @@ mod tests {
         assert_eq!(c.heartbeat_secs, 10);
         assert_eq!(c.broker.url, "mqtt://127.0.0.1:1883");
         assert_eq!(c.trust.threshold, 1);
+        assert_eq!(
+            AgentConfig::default().trust.threshold,
+            1,
+            "section defaults match field defaults"
+        );
         assert_eq!(c.inference.backends, vec![Backend::Tract]);
     }
 

@@ -233,12 +233,25 @@ impl Installer {
 
     /// Extracts, loads and self-tests a verified bundle. Nothing is activated.
     pub fn stage(&self, verified: &VerifiedBundle, bytes: &[u8]) -> Result<Staged, InstallError> {
+        let served = self.prepare(verified, bytes)?;
+        Self::self_test(served)
+    }
+
+    /// Extracts and loads a verified bundle beside the active model.
+    pub fn prepare(
+        &self,
+        verified: &VerifiedBundle,
+        bytes: &[u8],
+    ) -> Result<ServedModel, InstallError> {
         let dir = self
             .extract(verified, bytes)
             .map_err(|e| InstallError::at(Stage::Stage, format!("{e:#}")))?;
-        let served = self.load(verified, &dir)?;
+        self.load(verified, &dir)
+    }
 
-        let outcomes = selftest::run_all(&served.model, &verified.manifest.self_tests);
+    /// Runs a prepared model's self-tests; every one must pass.
+    pub fn self_test(served: ServedModel) -> Result<Staged, InstallError> {
+        let outcomes = selftest::run_all(&served.model, &served.manifest.self_tests);
         if let Some(failed) = outcomes.iter().find(|o| !o.passed()) {
             let reason = format!(
                 "self-test {:?}: {}",

@@ -5,9 +5,15 @@
 //! It is a library so the operator CLI can compute self-test expectations with the very code an
 //! agent uses to check them.
 
+pub mod agent;
+pub mod api;
 pub mod config;
 pub mod download;
+pub mod host;
 pub mod install;
+pub mod link;
+pub mod metrics;
+pub mod outbox;
 pub mod runtime;
 pub mod serving;
 pub mod store;

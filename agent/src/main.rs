@@ -1,3 +1,212 @@
-//! `flotilla-agent` binary.
+//! `flotilla-agent`: the edge agent, or a standalone server for one local bundle.
 
-fn main() {}
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use flotilla_agent::agent::{self, load_public_key, ApiServer};
+use flotilla_agent::config::AgentConfig;
+use flotilla_agent::install::{Installer, Trust};
+use flotilla_agent::metrics::Metrics;
+use flotilla_agent::serving::ModelSlot;
+use flotilla_agent::store::Store;
+use tracing::info;
+use tracing_subscriber::EnvFilter;
+
+/// Flotilla edge agent: pulls signed model bundles and serves them on a local API.
+#[derive(Debug, Parser)]
+#[command(name = "flotilla-agent", version, about, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent: follow the control plane, install bundles, serve the active model.
+    Run(RunArgs),
+    /// Serve one local bundle with the same API and no broker, for application development.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Agent configuration file (TOML; see agent/agent.example.toml).
+    #[arg(long, env = "FLOTILLA_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Agent id (overrides the file).
+    #[arg(long, env = "FLOTILLA_AGENT_ID")]
+    id: Option<String>,
+    /// Data directory (overrides the file).
+    #[arg(long, env = "FLOTILLA_AGENT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Broker URL, mqtt:// or mqtts:// (overrides the file).
+    #[arg(long, env = "FLOTILLA_AGENT_BROKER")]
+    broker: Option<String>,
+    /// Local API listen address (overrides the file).
+    #[arg(long, env = "FLOTILLA_AGENT_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Label KEY=VALUE, repeatable (added to the file's labels).
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Trusted publisher key file, repeatable (added to the file's).
+    #[arg(long = "trust")]
+    trust: Vec<PathBuf>,
+    /// Control plane public key file (overrides the file).
+    #[arg(long, env = "FLOTILLA_AGENT_CONTROL_PLANE_KEY")]
+    control_plane_key: Option<PathBuf>,
+    /// Seconds between heartbeats (overrides the file).
+    #[arg(long, env = "FLOTILLA_AGENT_HEARTBEAT_SECS")]
+    heartbeat_secs: Option<u64>,
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Bundle file to serve.
+    #[arg(long)]
+    bundle: PathBuf,
+    /// Trusted publisher key file, repeatable.
+    #[arg(long = "trust", required = true)]
+    trust: Vec<PathBuf>,
+    /// Distinct trusted signatures required.
+    #[arg(long, default_value_t = 1)]
+    threshold: usize,
+    /// Listen address.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("label {s:?} must be KEY=VALUE"))?;
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().expect("invariant: a tokio runtime can start");
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(args).await,
+            Command::Serve(args) => serve(args).await,
+        }
+    });
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let mut config = match &args.config {
+        Some(path) => AgentConfig::load(path)?,
+        None => AgentConfig::default(),
+    };
+    if let Some(id) = args.id {
+        config.id = id;
+    }
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    if let Some(url) = args.broker {
+        config.broker.url = url;
+    }
+    if let Some(listen) = args.listen {
+        config.api.listen = listen;
+    }
+    config.labels.extend(args.labels);
+    config.trust.publishers.extend(args.trust);
+    if let Some(key) = args.control_plane_key {
+        config.trust.control_plane = Some(key);
+    }
+    if let Some(secs) = args.heartbeat_secs {
+        config.heartbeat_secs = secs;
+    }
+    info!(agent = %config.id, broker = %config.broker.url, "starting agent");
+    agent::run(config, shutdown_signal()).await
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let publishers = args
+        .trust
+        .iter()
+        .map(|p| load_public_key(p))
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = std::fs::read(&args.bundle)
+        .with_context(|| format!("cannot read bundle {}", args.bundle.display()))?;
+    // A scratch data directory: standalone mode keeps nothing between runs.
+    let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
+    let trust = Trust {
+        publishers,
+        threshold: args.threshold,
+        control_plane: None,
+    };
+    let installer = Installer::new(
+        Store::open(scratch.path())?,
+        trust,
+        vec![flotilla_shared::manifest::Backend::Tract],
+    );
+
+    let staged = tokio::task::spawn_blocking(move || {
+        let verified = installer.verify_new(&bytes)?;
+        installer.stage(&verified, &bytes)
+    })
+    .await?
+    .with_context(|| format!("cannot serve {}", args.bundle.display()))?;
+
+    let slot = Arc::new(ModelSlot::new(
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2),
+    ));
+    let metrics = Arc::new(Metrics::new());
+    metrics.model_loaded(&staged.served);
+    metrics.set_self_test(staged.served.digest, true);
+    info!(model = %staged.served.manifest.id(), "self-tests passed");
+    slot.activate(staged.served.clone());
+
+    let config = flotilla_agent::config::ApiConfig {
+        listen: args.listen,
+        ..Default::default()
+    };
+    let api = ApiServer::start(&config, slot.clone(), metrics).await?;
+    println!(
+        "serving {} on http://{}",
+        staged.served.manifest.id(),
+        api.addr
+    );
+    shutdown_signal().await;
+    api.stop().await;
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

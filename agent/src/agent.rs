@@ -1,0 +1,557 @@
+//! The agent service: follows the signed desired state, installs bundles, serves the active
+//! model on the local API, and reports presence and telemetry to the control plane.
+//!
+//! One task owns the decisions (the loop in [`run`]); installs run in their own task so the
+//! loop keeps answering heartbeats and chunk traffic while a model downloads and loads.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use flotilla_shared::wire::{
+    topics, Birth, Chunk, ChunkRequest, DesiredBundle, DesiredState, Envelope, Event, EventKind,
+    Health, Heartbeat, Presence, SignedDesiredState, Telemetry,
+};
+use flotilla_shared::{PublicKey, Sha256Digest};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::config::AgentConfig;
+use crate::download::{self, DownloadConfig, Requester};
+use crate::host::{capabilities, ProcessSampler};
+use crate::install::{InstallError, Installer, Stage, Staged, Trust};
+use crate::link::{Incoming, Link, LinkConfig, LinkHandle, QoS};
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::serving::ModelSlot;
+use crate::store::Store;
+
+/// Unix milliseconds now.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Reads a PEM public key file, naming it on error.
+pub fn load_public_key(path: &Path) -> Result<PublicKey> {
+    let pem = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read public key {}", path.display()))?;
+    PublicKey::from_pem(&pem).with_context(|| format!("bad public key {}", path.display()))
+}
+
+/// Loads the trust configuration's key files.
+pub fn load_trust(config: &AgentConfig) -> Result<Trust> {
+    let publishers = config
+        .trust
+        .publishers
+        .iter()
+        .map(|p| load_public_key(p))
+        .collect::<Result<Vec<_>>>()?;
+    let control_plane = config
+        .trust
+        .control_plane
+        .as_deref()
+        .map(load_public_key)
+        .transpose()?;
+    Ok(Trust {
+        publishers,
+        threshold: config.trust.threshold,
+        control_plane,
+    })
+}
+
+/// Everything the agent's tasks share.
+struct Shared {
+    config: AgentConfig,
+    installer: Installer,
+    slot: Arc<ModelSlot>,
+    metrics: Arc<Metrics>,
+    outbox: Outbox,
+    link: LinkHandle,
+    started: Instant,
+}
+
+impl Shared {
+    fn event(&self, rollout: Option<&str>, digest: Option<Sha256Digest>, kind: EventKind) {
+        let event = Event {
+            session: self.link.session(),
+            rollout: rollout.map(str::to_owned),
+            digest,
+            kind,
+        };
+        if let Err(e) = self.outbox.push(Telemetry::Event(event)) {
+            warn!(error = %e, "cannot queue event");
+        }
+    }
+}
+
+/// Routes chunk requests over the MQTT link.
+struct LinkRequester(LinkHandle);
+
+impl Requester for LinkRequester {
+    fn request(&self, digest: &Sha256Digest, request: ChunkRequest) -> Result<(), String> {
+        let body = Envelope::new(self.0.agent_id(), 0, now_ms(), request).encode();
+        self.0
+            .publish(
+                topics::bundle_requests(digest),
+                body,
+                QoS::AtMostOnce,
+                false,
+            )
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// An install in progress.
+struct Install {
+    digest: Sha256Digest,
+    chunks: mpsc::Sender<Chunk>,
+    task: AbortOnDrop<()>,
+}
+
+/// A spawned task that ends with whoever owns it, so an agent whose `run` future is dropped
+/// (as in a crash) leaves nothing running behind: no install, no delivery, no listener.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> AbortOnDrop<T> {
+    fn is_finished(&self) -> bool {
+        self.0.is_finished()
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs the agent until `shutdown` completes, then drains requests, flushes state, publishes
+/// the offline presence and returns.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    config.validate()?;
+    let trust = load_trust(&config)?;
+    let store = Store::open(&config.data_dir)?;
+    let installer = Installer::new(store.clone(), trust, config.inference.backends.clone());
+    let slot = Arc::new(ModelSlot::new(config.inference.max_concurrency));
+    let metrics = Arc::new(Metrics::new());
+
+    // Restore before anything is announced, so the birth says what is really served.
+    let restore_installer = installer.clone();
+    let restored = tokio::task::spawn_blocking(move || restore_installer.restore()).await??;
+    if let Some(restored) = &restored {
+        metrics.model_loaded(&restored.staged.served);
+        metrics.set_self_test(restored.staged.served.digest, true);
+        slot.activate(restored.staged.served.clone());
+        info!(model = %restored.staged.served.manifest.id(), fell_back = restored.fell_back, "restored model");
+    }
+
+    let api = ApiServer::start(&config.api, slot.clone(), metrics.clone()).await?;
+
+    let link = start_link(&config, &store, &slot)?;
+    let (mut incoming, link) = link;
+    let outbox = Outbox::open(store.tree("outbox")?, &config.id, config.outbox_capacity)?;
+    let delivery = AbortOnDrop(outbox.spawn_delivery(link.clone()));
+
+    let shared = Arc::new(Shared {
+        config,
+        installer,
+        slot,
+        metrics,
+        outbox,
+        link,
+        started: Instant::now(),
+    });
+    shared.event(
+        None,
+        None,
+        EventKind::Started {
+            active: shared.slot.current().map(|m| m.active()),
+        },
+    );
+
+    let mut heartbeat = tokio::time::interval(shared.config.heartbeat());
+    let mut sampler = ProcessSampler::new();
+    let mut install: Option<Install> = None;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = heartbeat.tick() => send_heartbeat(&shared, &mut sampler),
+            message = incoming.recv() => {
+                let Some(message) = message else { break };
+                handle_incoming(&shared, &mut install, message);
+            }
+        }
+        if install.as_ref().is_some_and(|i| i.task.is_finished()) {
+            install = None;
+        }
+    }
+
+    info!("shutting down");
+    drop(install.take());
+    api.stop().await;
+    let drained = shared.slot.drain(Duration::from_secs(10)).await;
+    if !drained {
+        warn!("requests still running after 10 s; stopping anyway");
+    }
+    shared.installer.store().flush()?;
+    let offline = Envelope::new(
+        &shared.config.id,
+        0,
+        now_ms(),
+        Presence::Offline {
+            session: shared.link.session(),
+        },
+    );
+    if let Err(e) = shared.link.shutdown(offline.encode()).await {
+        warn!(error = %e, "offline presence not confirmed");
+    }
+    drop(delivery);
+    Ok(())
+}
+
+fn start_link(
+    config: &AgentConfig,
+    store: &Store,
+    slot: &Arc<ModelSlot>,
+) -> Result<(mpsc::Receiver<Incoming>, LinkHandle)> {
+    let id = config.id.clone();
+    let labels = config.labels.clone();
+    let backends = config.inference.backends.clone();
+    let birth_slot = slot.clone();
+    let birth_id = id.clone();
+    let birth = Arc::new(move |session: u64| {
+        let birth = Birth {
+            session,
+            labels: labels.clone(),
+            capabilities: capabilities(backends.clone()),
+            active: birth_slot.current().map(|m| m.active()),
+        };
+        Envelope::new(&birth_id, 0, now_ms(), Presence::Online(birth)).encode()
+    });
+    let will_id = id.clone();
+    let will = Arc::new(move |session: u64| {
+        Envelope::new(&will_id, 0, now_ms(), Presence::Offline { session }).encode()
+    });
+
+    let mut link_config = LinkConfig::new(id.clone(), config.broker.clone(), birth, will);
+    link_config.subscriptions = vec![topics::agent_desired(&id)];
+    let (handle, incoming) = Link::start(link_config, store.tree("session")?)?;
+    Ok((incoming, handle))
+}
+
+fn send_heartbeat(shared: &Shared, sampler: &mut ProcessSampler) {
+    let active = shared.slot.current().map(|m| m.active());
+    let health = if active.is_some() {
+        Health::Ok
+    } else {
+        Health::NoModel
+    };
+    let heartbeat = Heartbeat {
+        session: shared.link.session(),
+        uptime_s: shared.started.elapsed().as_secs(),
+        active,
+        health,
+        host: sampler.sample(),
+        models: shared.metrics.version_snapshots(),
+        dropped_telemetry: shared.outbox.dropped(),
+    };
+    if let Err(e) = shared.outbox.push(Telemetry::Heartbeat(heartbeat)) {
+        warn!(error = %e, "cannot queue heartbeat");
+    }
+}
+
+fn handle_incoming(shared: &Arc<Shared>, install: &mut Option<Install>, message: Incoming) {
+    if message.topic == topics::agent_desired(&shared.config.id) {
+        handle_desired(shared, install, &message.payload);
+        return;
+    }
+    let Some(current) = install.as_ref() else {
+        return;
+    };
+    if message.topic != topics::bundle_chunks(&current.digest) {
+        return;
+    }
+    match Envelope::<Chunk>::decode(&message.payload) {
+        // A full queue means the downloader is busy writing: drop, the chunk is asked again.
+        Ok(envelope) => drop(current.chunks.try_send(envelope.body)),
+        Err(e) => warn!(error = %e, "malformed chunk message"),
+    }
+}
+
+/// Why a desired state is not applied.
+fn open_desired(shared: &Shared, payload: &[u8]) -> Result<Option<DesiredState>, String> {
+    let envelope = Envelope::<SignedDesiredState>::decode(payload).map_err(|e| e.to_string())?;
+    let key = shared
+        .installer
+        .trust()
+        .control_plane
+        .as_ref()
+        .ok_or("no control-plane key is configured")?;
+    let state = envelope.body.open(key).map_err(|e| e.to_string())?;
+    if state.agent != shared.config.id {
+        return Err(format!("desired state is addressed to {:?}", state.agent));
+    }
+    let applied = shared
+        .installer
+        .store()
+        .desired_generation()
+        .map_err(|e| e.to_string())?;
+    if state.generation < applied {
+        return Err(format!(
+            "stale desired state: generation {} is older than {applied}",
+            state.generation
+        ));
+    }
+    if state.generation == applied && applied != 0 {
+        return Ok(None); // re-delivered after a reconnect; already applied
+    }
+    Ok(Some(state))
+}
+
+fn handle_desired(shared: &Arc<Shared>, install: &mut Option<Install>, payload: &[u8]) {
+    let state = match open_desired(shared, payload) {
+        Ok(Some(state)) => state,
+        Ok(None) => return,
+        Err(reason) => {
+            warn!(%reason, "desired state ignored");
+            shared.event(None, None, EventKind::DesiredStateRejected { reason });
+            return;
+        }
+    };
+    let Some(bundle) = state.bundle.clone() else {
+        record_generation(shared, state.generation);
+        return;
+    };
+
+    if shared
+        .slot
+        .current()
+        .is_some_and(|m| m.digest == bundle.digest)
+    {
+        record_generation(shared, state.generation);
+        let kind = EventKind::Active {
+            name: bundle.name.clone(),
+            version: bundle.version.clone(),
+        };
+        shared.event(state.rollout.as_deref(), Some(bundle.digest), kind);
+        return;
+    }
+    if let Some(current) = install.as_ref() {
+        if current.digest == bundle.digest {
+            return; // already on its way
+        }
+    }
+    if let Some(previous) = install.take() {
+        // A newer desired state supersedes the install in progress; its files stay resumable.
+        drop(previous.task);
+        shared
+            .link
+            .unsubscribe(&topics::bundle_chunks(&previous.digest));
+    }
+
+    let (chunks_tx, chunks_rx) = mpsc::channel(64);
+    let span = info_span!("install", agent = %shared.config.id, digest = %bundle.digest.short());
+    let task = AbortOnDrop(tokio::spawn(
+        install_task(shared.clone(), state, bundle.clone(), chunks_rx).instrument(span),
+    ));
+    *install = Some(Install {
+        digest: bundle.digest,
+        chunks: chunks_tx,
+        task,
+    });
+}
+
+fn record_generation(shared: &Shared, generation: u64) {
+    if let Err(e) = shared.installer.store().set_desired_generation(generation) {
+        warn!(error = %e, "cannot record desired-state generation");
+    }
+}
+
+async fn install_task(
+    shared: Arc<Shared>,
+    state: DesiredState,
+    bundle: DesiredBundle,
+    chunks: mpsc::Receiver<Chunk>,
+) {
+    let rollout = state.rollout.clone();
+    let result = install(&shared, &state, &bundle, chunks).await;
+    shared
+        .link
+        .unsubscribe(&topics::bundle_chunks(&bundle.digest));
+    match result {
+        Ok(()) => record_generation(&shared, state.generation),
+        Err(e) => {
+            warn!(stage = %e.stage, reason = %e.reason, "install failed; current model keeps serving");
+            if e.stage == Stage::SelfTest {
+                shared.metrics.set_self_test(bundle.digest, false);
+                let kind = EventKind::SelfTestFailed {
+                    reason: e.reason.clone(),
+                };
+                shared.event(rollout.as_deref(), Some(bundle.digest), kind);
+            }
+            let kind = EventKind::InstallFailed {
+                stage: e.stage.to_string(),
+                reason: e.reason,
+            };
+            shared.event(rollout.as_deref(), Some(bundle.digest), kind);
+            // A definitive failure: do not retry this generation on every reconnect.
+            record_generation(&shared, state.generation);
+        }
+    }
+}
+
+async fn install(
+    shared: &Arc<Shared>,
+    state: &DesiredState,
+    bundle: &DesiredBundle,
+    mut chunks: mpsc::Receiver<Chunk>,
+) -> Result<(), InstallError> {
+    let rollout = state.rollout.as_deref();
+    let digest = bundle.digest;
+    let installer = shared.installer.clone();
+
+    let (bytes, verified) = if installer.has_bundle(&digest) {
+        // Kept from an earlier install: a rollback or a retry needs no download.
+        let bytes = blocking(move || installer.read_kept(&digest)).await?;
+        shared.event(rollout, Some(digest), EventKind::Verifying);
+        let (installer, data) = (shared.installer.clone(), bytes.clone());
+        let verified = blocking(move || installer.verify_kept(&data)).await?;
+        (bytes, verified)
+    } else {
+        shared
+            .link
+            .subscribe(topics::bundle_chunks(&digest))
+            .map_err(|e| InstallError::at(Stage::Download, e))?;
+        let progress_shared = shared.clone();
+        let progress_rollout = state.rollout.clone();
+        let last = std::sync::Mutex::new(u32::MAX);
+        let progress: download::ProgressFn = Arc::new(move |held, total| {
+            // About ten progress events per download, plus the first and the last.
+            let step = (total / 10).max(1);
+            let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+            if *last == u32::MAX || held == total || held / step != *last / step {
+                *last = held;
+                let kind = EventKind::Downloading {
+                    received: held,
+                    total,
+                };
+                progress_shared.event(progress_rollout.as_deref(), Some(digest), kind);
+            }
+        });
+        let requester = LinkRequester(shared.link.clone());
+        let config = DownloadConfig::default();
+        let bytes = download::download(
+            digest,
+            &shared.config.id,
+            &shared.installer,
+            &requester,
+            &mut chunks,
+            &config,
+            progress,
+        )
+        .await?;
+
+        shared.event(rollout, Some(digest), EventKind::Verifying);
+        let (installer, data) = (shared.installer.clone(), bytes.clone());
+        let verified = blocking(move || {
+            let verified = installer.verify_new(&data)?;
+            installer.keep(&verified, &data)?;
+            download::discard(&installer, &digest);
+            Ok(verified)
+        })
+        .await?;
+        (bytes, verified)
+    };
+
+    let installer = shared.installer.clone();
+    let prepared = blocking(move || installer.prepare(&verified, &bytes)).await?;
+    shared.event(rollout, Some(digest), EventKind::Staged);
+    let staged: Staged = blocking(move || Installer::self_test(prepared)).await?;
+    shared.event(rollout, Some(digest), EventKind::SelfTestPassed);
+    shared.metrics.set_self_test(digest, true);
+    shared.metrics.model_loaded(&staged.served);
+
+    shared.installer.activate(&staged, &shared.slot)?;
+    let m = &staged.served.manifest;
+    let kind = EventKind::Active {
+        name: m.name.clone(),
+        version: m.version.to_string(),
+    };
+    shared.event(rollout, Some(digest), kind);
+    Ok(())
+}
+
+/// Runs blocking install work off the executor.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, InstallError> + Send + 'static,
+) -> Result<T, InstallError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| InstallError::at(Stage::Stage, format!("install task failed: {e}")))?
+}
+
+/// The local HTTP API, running until [`ApiServer::stop`].
+pub struct ApiServer {
+    /// Address it listens on.
+    pub addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: Option<AbortOnDrop<std::io::Result<()>>>,
+}
+
+impl ApiServer {
+    /// Binds `config.listen` and serves the API on it.
+    pub async fn start(
+        config: &crate::config::ApiConfig,
+        slot: Arc<ModelSlot>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let state = crate::api::ApiState {
+            slot,
+            metrics,
+            config: config.clone(),
+        };
+        let app = crate::api::router(state);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = AbortOnDrop(tokio::spawn(
+            async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = stopped.await;
+                    })
+                    .await
+            }
+            .instrument(info_span!("api", %addr)),
+        ));
+        info!(%addr, "local api listening");
+        Ok(Self {
+            addr,
+            stop,
+            task: Some(task),
+        })
+    }
+
+    /// Stops accepting connections and waits for requests in flight to finish.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(());
+        let Some(mut task) = self.task.take() else {
+            return;
+        };
+        match (&mut task.0).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "local api ended with an error"),
+            Err(e) => warn!(error = %e, "local api task failed"),
+        }
+    }
+}
