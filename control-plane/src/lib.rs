@@ -4,5 +4,7 @@
 //! [`cli`] holds the operator commands the `flotilla` binary dispatches to.
 
 pub mod cli;
+pub mod distribution;
 pub mod keyfile;
 pub mod pack;
+pub mod rollout;
