@@ -332,7 +332,41 @@ impl Installer {
             .record_activation(&staged.served.digest, &m.name, m.sequence)
             .map_err(|e| InstallError::at(Stage::Activate, format!("{e:#}")))?;
         info!(model = %m.id(), digest = %staged.served.digest.short(), "model activated");
-        Ok(slot.activate(staged.served.clone()))
+        let replaced = slot.activate(staged.served.clone());
+        if let Err(e) = self.prune() {
+            warn!(error = %format!("{e:#}"), "cannot remove old bundles");
+        }
+        Ok(replaced)
+    }
+
+    /// Removes kept bundles and extracted models other than the active and previous ones, so
+    /// an edge disk holds at most two versions (plus a download in progress).
+    pub fn prune(&self) -> Result<()> {
+        let keep: Vec<Sha256Digest> = [self.store.active()?, self.store.previous()?]
+            .into_iter()
+            .flatten()
+            .collect();
+        let kept = |name: &str| keep.iter().any(|d| name.starts_with(&d.to_hex()));
+        for dir in ["bundles", "models"] {
+            let path = self.store.root().join(dir);
+            for entry in std::fs::read_dir(&path)
+                .with_context(|| format!("cannot list {}", path.display()))?
+            {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if kept(&name) || name.starts_with(".staging-") {
+                    continue;
+                }
+                let target = entry.path();
+                let removed = if target.is_dir() {
+                    std::fs::remove_dir_all(&target)
+                } else {
+                    std::fs::remove_file(&target)
+                };
+                removed.with_context(|| format!("cannot remove {}", target.display()))?;
+            }
+        }
+        Ok(())
     }
 
     /// Loads what the agent served before it stopped: the recorded active bundle, or, if that

@@ -59,7 +59,8 @@ impl Default for TestKeys {
     }
 }
 
-/// Packs a committed model with the real packer and signs it with `key`.
+/// Packs a committed model (a name under `models/`, or an absolute model directory) with the
+/// real packer and signs it with `key`.
 pub fn pack_signed(model: &str, key: &flotilla_shared::SecretKey) -> Vec<u8> {
     pack_signed_with(model, key, |_| {})
 }
@@ -71,7 +72,11 @@ pub fn pack_signed_with(
     key: &flotilla_shared::SecretKey,
     edit: impl FnOnce(&Path),
 ) -> Vec<u8> {
-    let source = models_dir().join(model);
+    let source = if Path::new(model).is_absolute() {
+        PathBuf::from(model)
+    } else {
+        models_dir().join(model)
+    };
     let dir = tempfile::tempdir().expect("temporary directory");
     for entry in std::fs::read_dir(&source).expect("model directory") {
         let entry = entry.expect("directory entry");
@@ -106,4 +111,46 @@ pub fn set_release(dir: &Path, version: &str, sequence: u64) {
         .collect::<Vec<_>>()
         .join("\n");
     std::fs::write(spec_path, spec).expect("write bundle.toml");
+}
+
+/// Path of a workspace binary built in the same profile as the running test or benchmark,
+/// building it first if needed (so `cargo test -p flotilla-tests` works on its own).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current executable");
+    // target/<profile>/deps/<test-binary> -> target/<profile>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .to_owned();
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let package = match name {
+        "flotilla-agent" => "flotilla-agent",
+        _ => "flotilla-control-plane",
+    };
+    let mut build = std::process::Command::new(env!("CARGO"));
+    build
+        .args(["build", "--quiet", "-p", package, "--bin", name])
+        .current_dir(repo_root());
+    if release {
+        build.arg("--release");
+    }
+    let status = build.status().expect("cargo runs");
+    assert!(status.success(), "cargo build of {name} failed");
+    profile_dir.join(name)
+}
+
+/// Writes `key`'s public half as PEM into `dir/name.pub` and returns the path.
+pub fn write_public_key(dir: &Path, name: &str, key: &flotilla_shared::SecretKey) -> PathBuf {
+    let path = dir.join(format!("{name}.pub"));
+    std::fs::write(&path, key.public().to_pem().expect("pem")).expect("write public key");
+    path
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; bind soon).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
 }

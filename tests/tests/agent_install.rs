@@ -339,3 +339,35 @@ async fn tampered_extracted_files_are_replaced_from_the_verified_bundle() {
         .expect("re-extracts instead of loading the altered file");
     assert_ne!(std::fs::read(&model).unwrap(), b"not a model");
 }
+
+#[tokio::test]
+async fn activation_keeps_only_the_active_and_previous_versions_on_disk() {
+    let keys = TestKeys::default();
+    let dir = tempfile::tempdir().unwrap();
+    let inst = installer(dir.path(), &keys);
+    let slot = ModelSlot::new(2);
+    let releases: Vec<Vec<u8>> = (1..=3)
+        .map(|n| {
+            pack_signed_with("tiny-mlp-raw", &keys.publisher, |d| {
+                set_release(d, &format!("1.{n}.0"), n)
+            })
+        })
+        .collect();
+    for bundle in &releases {
+        let verified = inst.verify_new(bundle).unwrap();
+        inst.keep(&verified, bundle).unwrap();
+        let staged = inst.stage(&verified, bundle).unwrap();
+        inst.activate(&staged, &slot).unwrap();
+    }
+    let on_disk = |sub: &str| std::fs::read_dir(dir.path().join(sub)).unwrap().count();
+    assert_eq!(on_disk("bundles"), 2);
+    assert_eq!(on_disk("models"), 2);
+    assert!(
+        !inst.has_bundle(&digest_of(&releases[0])),
+        "the oldest release is gone"
+    );
+    assert!(
+        inst.has_bundle(&digest_of(&releases[1])),
+        "the previous release stays for rollback"
+    );
+}

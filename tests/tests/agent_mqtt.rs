@@ -16,7 +16,7 @@ use flotilla_shared::wire::{
     SignedDesiredState, Telemetry,
 };
 use flotilla_shared::{Bundle, SecretKey, Sha256Digest};
-use flotilla_tests::{pack_signed, pack_signed_with, set_release, TestKeys};
+use flotilla_tests::{free_port, pack_signed, pack_signed_with, set_release, TestKeys};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::{broadcast, oneshot};
 
@@ -305,14 +305,6 @@ impl RunningAgent {
             response.json().await.unwrap_or(serde_json::Value::Null),
         )
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 struct Setup {

@@ -1,0 +1,187 @@
+//! Benchmark (not a test): the agent's served `/v1/embed` against the runtime in-process, and
+//! the agent's idle resident memory with no model loaded. Prints a table.
+//!
+//! Run with `cargo bench -p flotilla-tests --bench agent_serving`. It uses all-MiniLM-L6-v2 when
+//! `models/minilm/out` has been built (see the README), else the tiny test encoder.
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_agent::agent::ApiServer;
+use flotilla_agent::config::ApiConfig;
+use flotilla_agent::install::{Installer, Trust};
+use flotilla_agent::metrics::Metrics;
+use flotilla_agent::serving::ModelSlot;
+use flotilla_agent::store::Store;
+use flotilla_shared::manifest::Backend;
+use flotilla_tests::{binary, free_port, models_dir, pack_signed, write_public_key, TestKeys};
+
+const SENTENCE: &str = "The quick brown fox jumps over the lazy dog near the river bank today.";
+
+struct Timing {
+    per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn summarise(mut samples: Vec<Duration>) -> Timing {
+    samples.sort_unstable();
+    let total: Duration = samples.iter().sum();
+    let pick = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    Timing {
+        per_second: samples.len() as f64 / total.as_secs_f64(),
+        p50_ms: pick(0.50).as_secs_f64() * 1e3,
+        p99_ms: pick(0.99).as_secs_f64() * 1e3,
+    }
+}
+
+fn main() {
+    let minilm = models_dir().join("minilm/out");
+    let model = if minilm.join("model.onnx").is_file() {
+        minilm.to_str().unwrap().to_owned()
+    } else {
+        "tiny-bert-embed".to_owned()
+    };
+    let iterations: usize = std::env::var("BENCH_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+
+    let keys = TestKeys::default();
+    let bundle = pack_signed(&model, &keys.publisher);
+    let scratch = tempfile::tempdir().unwrap();
+    let trust = Trust {
+        publishers: vec![keys.publisher.public()],
+        threshold: 1,
+        control_plane: None,
+    };
+    let installer = Installer::new(
+        Store::open(scratch.path()).unwrap(),
+        trust,
+        vec![Backend::Tract],
+    );
+    let verified = installer.verify_new(&bundle).unwrap();
+    let staged = installer.stage(&verified, &bundle).unwrap();
+    let served = staged.served.clone();
+    let name = served.manifest.id();
+
+    // In-process: the runtime alone, one sentence at a time.
+    let texts = vec![SENTENCE.to_owned()];
+    for _ in 0..20 {
+        served.model.run_texts(&texts).unwrap();
+    }
+    let samples = (0..iterations)
+        .map(|_| {
+            let t = Instant::now();
+            served.model.run_texts(&texts).unwrap();
+            t.elapsed()
+        })
+        .collect();
+    let inprocess = summarise(samples);
+
+    // Served: the same request through the local API over loopback HTTP, one client.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let served_timing = runtime.block_on(async {
+        let slot = Arc::new(ModelSlot::new(2));
+        slot.activate(served.clone());
+        let config = ApiConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..ApiConfig::default()
+        };
+        let api = ApiServer::start(&config, slot, Arc::new(Metrics::new()))
+            .await
+            .unwrap();
+        let url = format!("http://{}/v1/embed", api.addr);
+        let client = reqwest::Client::new();
+        let body = serde_json::json!({"inputs": SENTENCE});
+        for _ in 0..20 {
+            client
+                .post(&url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+        }
+        let mut samples = Vec::with_capacity(iterations);
+        for _ in 0..iterations {
+            let t = Instant::now();
+            let response = client.post(&url).json(&body).send().await.unwrap();
+            assert!(response.status().is_success());
+            response.bytes().await.unwrap();
+            samples.push(t.elapsed());
+        }
+        api.stop().await;
+        summarise(samples)
+    });
+
+    let idle_rss = idle_resident_memory();
+
+    let overhead = inprocess.per_second / served_timing.per_second - 1.0;
+    println!();
+    println!("agent serving benchmark: {name}, one sentence per request, {iterations} requests, tract backend");
+    println!("| path | req/s | p50 ms | p99 ms |");
+    println!("|---|---:|---:|---:|");
+    for (label, t) in [
+        ("runtime in-process", &inprocess),
+        ("agent /v1/embed (HTTP)", &served_timing),
+    ] {
+        println!(
+            "| {label} | {:.1} | {:.2} | {:.2} |",
+            t.per_second, t.p50_ms, t.p99_ms
+        );
+    }
+    println!("serving overhead: {:.1}% (target <= 5%)", overhead * 100.0);
+    match idle_rss {
+        Some(kib) => println!(
+            "agent idle resident memory, no model: {:.1} MB (target <= 15 MB)",
+            kib as f64 / 1024.0
+        ),
+        None => println!("agent idle resident memory: not measurable on this platform"),
+    }
+}
+
+/// Starts the release agent binary with no model and no reachable broker, waits until its API
+/// answers, lets it settle, and reads VmRSS.
+fn idle_resident_memory() -> Option<u64> {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = TestKeys::default();
+    let trust = write_public_key(dir.path(), "publisher", &keys.publisher);
+    let port = free_port();
+    let mut child = Command::new(binary("flotilla-agent"))
+        .args([
+            "run",
+            "--id",
+            "bench-idle",
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+        ])
+        .args(["--broker", &format!("mqtt://127.0.0.1:{}", free_port())])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--trust",
+            trust.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Settle: let start-up allocations be returned and a couple of heartbeats pass.
+    std::thread::sleep(Duration::from_secs(3));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok();
+    let _ = child.kill();
+    let _ = child.wait();
+    status?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}

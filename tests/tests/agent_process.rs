@@ -1,0 +1,94 @@
+//! The `flotilla-agent` binary as a process: standalone serving and graceful SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use flotilla_tests::{binary, free_port, pack_signed, write_public_key, TestKeys};
+
+#[tokio::test]
+async fn standalone_serve_answers_and_exits_cleanly_on_sigterm() {
+    let keys = TestKeys::default();
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("embed.fbundle");
+    std::fs::write(&bundle, pack_signed("tiny-bert-embed", &keys.publisher)).unwrap();
+    let trust = write_public_key(dir.path(), "publisher", &keys.publisher);
+    let port = free_port();
+
+    let mut child = Command::new(binary("flotilla-agent"))
+        .args([
+            "serve",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--trust",
+            trust.to_str().unwrap(),
+        ])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The agent prints its address once it listens: wait for that line, not for a time.
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        line
+    });
+    let line = tokio::time::timeout(Duration::from_secs(60), line)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(line.contains("serving tiny-bert-embed@1.0.0"), "{line}");
+
+    let client = reqwest::Client::new();
+    let response = client
+        .post(format!("http://127.0.0.1:{port}/v1/embeddings"))
+        .json(&serde_json::json!({"model": "tiny-bert-embed", "input": ["你好，世界", "hello"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["object"], "list");
+    assert_eq!(body["data"].as_array().unwrap().len(), 2);
+    assert_eq!(body["data"][1]["index"], 1);
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(exit.code(), Some(0), "graceful shutdown exits 0");
+}
+
+#[tokio::test]
+async fn standalone_serve_refuses_an_untrusted_bundle() {
+    let keys = TestKeys::default();
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("raw.fbundle");
+    let stranger = flotilla_shared::SecretKey::from_seed([3; 32]);
+    std::fs::write(&bundle, pack_signed("tiny-mlp-raw", &stranger)).unwrap();
+    let trust = write_public_key(dir.path(), "publisher", &keys.publisher);
+
+    let out = Command::new(binary("flotilla-agent"))
+        .args([
+            "serve",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--trust",
+            trust.to_str().unwrap(),
+        ])
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("signed only by unknown keys") && stderr.contains("raw.fbundle"),
+        "{stderr}"
+    );
+}
