@@ -83,7 +83,7 @@ fn main() {
 
     // Served: the same request through the local API over loopback HTTP, one client.
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let served_timing = runtime.block_on(async {
+    let (served_timing, floor) = runtime.block_on(async {
         let slot = Arc::new(ModelSlot::new(2));
         slot.activate(served.clone());
         let config = ApiConfig {
@@ -115,8 +115,23 @@ fn main() {
             response.bytes().await.unwrap();
             samples.push(t.elapsed());
         }
+        // The HTTP floor: the same client and server with no model work, for diagnosis.
+        let live = format!("http://{}/v2/health/live", api.addr);
+        let mut floor = Vec::with_capacity(iterations);
+        for _ in 0..iterations {
+            let t = Instant::now();
+            client
+                .get(&live)
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            floor.push(t.elapsed());
+        }
         api.stop().await;
-        summarise(samples)
+        (summarise(samples), summarise(floor))
     });
 
     let idle_rss = idle_resident_memory();
@@ -136,6 +151,10 @@ fn main() {
         );
     }
     println!("serving overhead: {:.1}% (target <= 5%)", overhead * 100.0);
+    println!(
+        "http floor (GET /v2/health/live, same client): p50 {:.3} ms, p99 {:.3} ms",
+        floor.p50_ms, floor.p99_ms
+    );
     match idle_rss {
         Some(kib) => println!(
             "agent idle resident memory, no model: {:.1} MB (target <= 15 MB)",
