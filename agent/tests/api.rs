@@ -14,57 +14,20 @@ use bytes::Bytes;
 use flotilla_agent::api::{router, ApiState};
 use flotilla_agent::config::ApiConfig;
 use flotilla_agent::metrics::Metrics;
-use flotilla_agent::runtime::{read_onnx_signature, Model};
+use flotilla_agent::runtime::Model;
 use flotilla_agent::serving::{ModelSlot, ServedModel};
-use flotilla_shared::manifest::{
-    Backend, Manifest, ModelMeta, Pooling, Requirements, Task, TextMeta, Truncation,
-};
+use flotilla_shared::manifest::{Backend, Manifest, Requirements, Truncation};
 use flotilla_shared::tensor::{Tensor, TensorData};
 use flotilla_shared::Sha256Digest;
 use serde_json::{json, Value};
 use tower::ServiceExt as _;
 
-fn models() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models")
-}
+#[path = "support/models.rs"]
+mod models;
+use models::{meta, models};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-/// Metadata as the packer derives it for each committed model.
-fn meta(model: &str, truncation: Truncation, max_sequence_length: u32) -> ModelMeta {
-    let sig = read_onnx_signature(&models().join(model).join("model.onnx")).unwrap();
-    let text = |output: &str, pooling, normalize| TextMeta {
-        tokenizer: "tokenizer.json".into(),
-        max_sequence_length,
-        truncation,
-        pooling,
-        normalize,
-        output: output.into(),
-    };
-    let (task, text, labels) = match model {
-        "tiny-bert-embed" => (
-            Task::Embedding,
-            Some(text("last_hidden_state", Pooling::Mean, true)),
-            vec![],
-        ),
-        "tiny-bert-classify" => (
-            Task::Classification,
-            Some(text("logits", Pooling::None, false)),
-            vec!["negative".into(), "neutral".into(), "positive".into()],
-        ),
-        _ => (Task::Raw, None, vec![]),
-    };
-    ModelMeta {
-        entry: "model.onnx".into(),
-        opset: sig.opset,
-        inputs: sig.inputs,
-        outputs: sig.outputs,
-        task,
-        text,
-        labels,
-    }
 }
 
 /// A loaded model as the agent serves it, under `name@version`.

@@ -1,74 +1,27 @@
 //! The runtime on the committed test models: parity with onnxruntime, HuggingFace-exact
 //! tokenisation, pooling, input validation and load failures.
 
-use std::path::{Path, PathBuf};
-
 use flotilla_agent::runtime::{read_onnx_signature, selftest, Model, RuntimeError};
-use flotilla_shared::manifest::{
-    Backend, ModelMeta, Pooling, SelfTest, SelfTestInput, Task, TextMeta, Truncation,
-};
+use flotilla_shared::manifest::{Backend, ModelMeta, SelfTest, SelfTestInput, Truncation};
 use flotilla_shared::tensor::{Tensor, TensorData};
 use serde_json::Value;
 
-fn models() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models")
-}
+#[path = "support/models.rs"]
+mod models;
+use models::{meta, models};
 
 fn fixture(name: &str) -> Value {
     let text = std::fs::read_to_string(models().join("fixtures").join(name)).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
-fn text_meta(output: &str, pooling: Pooling, normalize: bool, truncation: Truncation) -> TextMeta {
-    TextMeta {
-        tokenizer: "tokenizer.json".into(),
-        max_sequence_length: 128,
-        truncation,
-        pooling,
-        normalize,
-        output: output.into(),
-    }
-}
-
-/// Metadata as the packer derives it for each committed model.
-fn meta(model: &str) -> ModelMeta {
-    let sig = read_onnx_signature(&models().join(model).join("model.onnx")).unwrap();
-    let (task, text, labels) = match model {
-        "tiny-bert-embed" | "tiny-bert-selftest-fail" => (
-            Task::Embedding,
-            Some(text_meta(
-                "last_hidden_state",
-                Pooling::Mean,
-                true,
-                Truncation::Truncate,
-            )),
-            vec![],
-        ),
-        "tiny-bert-classify" => (
-            Task::Classification,
-            Some(text_meta(
-                "logits",
-                Pooling::None,
-                false,
-                Truncation::Truncate,
-            )),
-            vec!["negative".into(), "neutral".into(), "positive".into()],
-        ),
-        _ => (Task::Raw, None, vec![]),
-    };
-    ModelMeta {
-        entry: "model.onnx".into(),
-        opset: sig.opset,
-        inputs: sig.inputs,
-        outputs: sig.outputs,
-        task,
-        text,
-        labels,
-    }
+/// Metadata as the packer derives it, with the committed bundles' 128-token truncation.
+fn meta128(model: &str) -> ModelMeta {
+    meta(model, Truncation::Truncate, 128)
 }
 
 fn load(model: &str) -> Model {
-    Model::load(&models().join(model), &meta(model), Backend::Tract).unwrap()
+    Model::load(&models().join(model), &meta128(model), Backend::Tract).unwrap()
 }
 
 fn tensor(v: &Value) -> Tensor {
@@ -187,7 +140,7 @@ fn long_text_is_truncated_or_rejected_per_bundle() {
     assert!(batch.truncated[0]);
     assert!(model.run_texts(std::slice::from_ref(&long)).is_ok());
 
-    let mut strict = meta("tiny-bert-embed");
+    let mut strict = meta128("tiny-bert-embed");
     strict.text.as_mut().unwrap().truncation = Truncation::Reject;
     let model = Model::load(&models().join("tiny-bert-embed"), &strict, Backend::Tract).unwrap();
     let err = model.run_texts(&["short".to_owned(), long]).unwrap_err();
@@ -256,7 +209,7 @@ fn inputs_sharing_a_symbol_must_agree() {
 fn broken_model_fails_to_load_with_the_reason() {
     let err = Model::load(
         &models().join("broken-load"),
-        &meta("broken-load"),
+        &meta128("broken-load"),
         Backend::Tract,
     )
     .unwrap_err();
