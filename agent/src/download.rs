@@ -145,13 +145,7 @@ pub async fn download(
             ChunkPart::Payload(i) => i as usize,
             ChunkPart::Header => continue,
             ChunkPart::Unknown => {
-                unknown += 1;
-                if unknown >= config.unknown_limit {
-                    return Err(InstallError::at(
-                        Stage::Download,
-                        "the control plane does not hold this bundle",
-                    ));
-                }
+                note_unknown(&mut unknown, config)?;
                 continue;
             }
         };
@@ -200,6 +194,18 @@ pub fn discard(installer: &Installer, digest: &Sha256Digest) {
     }
 }
 
+/// Counts an "unknown bundle" answer; enough of them in a row end the download.
+fn note_unknown(unknown: &mut u32, config: &DownloadConfig) -> Result<(), InstallError> {
+    *unknown += 1;
+    if *unknown >= config.unknown_limit {
+        return Err(InstallError::at(
+            Stage::Download,
+            "the control plane does not hold this bundle",
+        ));
+    }
+    Ok(())
+}
+
 /// The digest a header commits to, if it parses as one.
 fn header_digest(header: &[u8]) -> Option<Sha256Digest> {
     let (manifest, _, len) = Bundle::parse_header(header).ok()?;
@@ -238,15 +244,7 @@ async fn fetch_header(
                 ChunkPart::Header => {
                     warn!(digest = %digest.short(), "header does not match the bundle digest; asking again")
                 }
-                ChunkPart::Unknown => {
-                    unknown += 1;
-                    if unknown >= config.unknown_limit {
-                        return Err(InstallError::at(
-                            Stage::Download,
-                            "the control plane does not hold this bundle",
-                        ));
-                    }
-                }
+                ChunkPart::Unknown => note_unknown(&mut unknown, config)?,
                 ChunkPart::Payload(_) => {}
             }
         }

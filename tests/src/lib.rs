@@ -93,6 +93,20 @@ pub fn pack_signed_with(
     bundle.to_bytes()
 }
 
+/// Like [`pack_signed`] with a smaller transfer chunk size, for multi-chunk downloads.
+pub fn pack_signed_chunked(
+    model: &str,
+    key: &flotilla_shared::SecretKey,
+    chunk_size: u32,
+) -> Vec<u8> {
+    pack_signed_with(model, key, |dir| {
+        let spec_path = dir.join("bundle.toml");
+        let spec = std::fs::read_to_string(&spec_path).expect("bundle.toml");
+        std::fs::write(spec_path, format!("chunk_size = {chunk_size}\n{spec}"))
+            .expect("write bundle.toml");
+    })
+}
+
 /// Rewrites `version` and `sequence` in a copied model's bundle.toml.
 pub fn set_release(dir: &Path, version: &str, sequence: u64) {
     let spec_path = dir.join("bundle.toml");

@@ -11,7 +11,7 @@ use flotilla_agent::store::Store;
 use flotilla_shared::manifest::Backend;
 use flotilla_shared::wire::{Chunk, ChunkPart, ChunkRequest};
 use flotilla_shared::{Bundle, Sha256Digest};
-use flotilla_tests::{pack_signed, pack_signed_with, set_release, TestKeys};
+use flotilla_tests::{pack_signed, pack_signed_chunked, pack_signed_with, set_release, TestKeys};
 use tokio::sync::mpsc;
 
 /// Plays the control plane's chunk service in-process, with knobs for loss and corruption.
@@ -111,17 +111,9 @@ fn digest_of(bundle: &[u8]) -> Sha256Digest {
     Bundle::parse(bundle).unwrap().digest()
 }
 
-/// A multi-chunk bundle: the embedding model at the minimum chunk size.
+/// A multi-chunk bundle: the embedding model in 16 KiB chunks.
 fn chunky_bundle(keys: &TestKeys) -> Vec<u8> {
-    pack_signed_with("tiny-bert-embed", &keys.publisher, |dir| {
-        let spec = dir.join("bundle.toml");
-        let text = std::fs::read_to_string(&spec).unwrap();
-        std::fs::write(
-            &spec,
-            text.replacen("valid_days", "chunk_size = 16384\nvalid_days", 1),
-        )
-        .unwrap();
-    })
+    pack_signed_chunked("tiny-bert-embed", &keys.publisher, 16384)
 }
 
 async fn fetch(

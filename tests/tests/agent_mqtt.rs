@@ -16,7 +16,9 @@ use flotilla_shared::wire::{
     SignedDesiredState, Telemetry,
 };
 use flotilla_shared::{Bundle, SecretKey, Sha256Digest};
-use flotilla_tests::{free_port, pack_signed, pack_signed_with, set_release, TestKeys};
+use flotilla_tests::{
+    free_port, pack_signed, pack_signed_chunked, pack_signed_with, set_release, TestKeys,
+};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::{broadcast, oneshot};
 
@@ -515,15 +517,7 @@ async fn corrupted_chunks_are_refetched_and_restart_resumes_the_download() {
     let peer = Peer::start(port).await;
     let api_port = free_port();
 
-    let bundle = pack_signed_with("tiny-bert-embed", &setup.keys.publisher, |dir| {
-        let spec = dir.join("bundle.toml");
-        let text = std::fs::read_to_string(&spec).unwrap();
-        std::fs::write(
-            &spec,
-            text.replacen("valid_days", "chunk_size = 16384\nvalid_days", 1),
-        )
-        .unwrap();
-    });
+    let bundle = pack_signed_chunked("tiny-bert-embed", &setup.keys.publisher, 16384);
     let total = Bundle::parse(&bundle)
         .unwrap()
         .decode_manifest_unverified()
