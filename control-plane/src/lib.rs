@@ -1,10 +1,13 @@
-//! Flotilla control plane library: operator commands around bundles and keys.
+//! Flotilla control plane: the operator CLI and the fleet server.
 //!
-//! [`keyfile`] reads and writes key files, [`pack`] turns a model directory into a bundle, and
-//! [`cli`] holds the operator commands the `flotilla` binary dispatches to.
+//! [`keyfile`] reads and writes key files, [`pack`] turns a model directory into a bundle,
+//! [`distribution`] answers chunk requests so concurrent downloaders share what is sent,
+//! [`rollout`] is the pure staged-rollout engine, [`server`] is `flotilla server`, and [`cli`]
+//! holds the commands the `flotilla` binary dispatches to.
 
 pub mod cli;
 pub mod distribution;
 pub mod keyfile;
 pub mod pack;
 pub mod rollout;
+pub mod server;

@@ -38,6 +38,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 pub use backoff::{Backoff, BackoffConfig};
+pub use options::mqtt_options;
 /// MQTT quality of service, re-exported so callers need not depend on rumqttc.
 pub use rumqttc::QoS;
 

@@ -63,8 +63,9 @@ pub(crate) fn parse_broker_url(url: &str) -> Result<BrokerAddress, LinkError> {
     })
 }
 
-/// Options for one agent's connections, without the Last Will (that changes per session).
-pub(crate) fn mqtt_options(
+/// Options for one client's connections (an agent's, or the control plane's on an external
+/// broker), without a Last Will (an agent's changes per session).
+pub fn mqtt_options(
     agent_id: &str,
     broker: &BrokerConfig,
     max_packet_bytes: usize,

@@ -1,6 +1,9 @@
 //! The `flotilla` command line: argument definitions and dispatch.
 
 mod bundle;
+mod server;
+
+pub use server::ServeArgs;
 
 use std::path::PathBuf;
 
@@ -30,6 +33,39 @@ pub enum Command {
     /// Pack, sign, verify and inspect bundles.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Run the control plane (embedded MQTT broker unless --broker), or make API tokens.
+    Server {
+        /// `token` to make an API token; nothing to run the server.
+        #[command(subcommand)]
+        command: Option<ServerCommand>,
+        /// Flags for running the server.
+        #[command(flatten)]
+        args: ServeArgs,
+    },
+}
+
+/// `flotilla server ...`.
+#[derive(Debug, Subcommand)]
+pub enum ServerCommand {
+    /// Print a new random API token and the `[[tokens]]` entry (its SHA-256) for the config.
+    Token {
+        /// Who will hold it, for logs.
+        #[arg(long)]
+        name: String,
+        /// viewer (read), operator (bundles and rollouts) or admin.
+        #[arg(long, value_parser = parse_role)]
+        role: crate::server::config::Role,
+    },
+}
+
+fn parse_role(text: &str) -> Result<crate::server::config::Role, String> {
+    use crate::server::config::Role;
+    match text {
+        "viewer" => Ok(Role::Viewer),
+        "operator" => Ok(Role::Operator),
+        "admin" => Ok(Role::Admin),
+        other => Err(format!("unknown role {other:?}: viewer, operator or admin")),
+    }
 }
 
 /// `flotilla bundle ...`.
@@ -98,5 +134,13 @@ pub fn run(cli: Cli) -> Result<()> {
             check_host,
         }),
         Command::Bundle(BundleCommand::Inspect { file, json }) => bundle::inspect(&file, json),
+        Command::Server {
+            command: Some(ServerCommand::Token { name, role }),
+            ..
+        } => server::token(&name, role),
+        Command::Server {
+            command: None,
+            args,
+        } => server::run(&args),
     }
 }

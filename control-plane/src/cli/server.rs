@@ -1,0 +1,153 @@
+//! `flotilla server`: run the hub, and make API tokens for its config.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use flotilla_agent::config::BrokerConfig;
+
+use crate::keyfile;
+use crate::server::config::{hash_token, Role, ServerConfig};
+
+/// `flotilla server [run]` flags; each overrides the config file.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Server config file (TOML).
+    #[arg(long, env = "FLOTILLA_SERVER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory (state, key, generated admin token).
+    #[arg(long, env = "FLOTILLA_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// REST API address [default: 127.0.0.1:8080].
+    #[arg(long, env = "FLOTILLA_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Embedded MQTT broker address [default: 127.0.0.1:1883].
+    #[arg(long, env = "FLOTILLA_MQTT_LISTEN")]
+    pub mqtt_listen: Option<SocketAddr>,
+    /// Use this external broker (mqtt://host:port or mqtts://host:port) instead of embedding
+    /// one.
+    #[arg(long, env = "FLOTILLA_BROKER")]
+    pub broker: Option<String>,
+    /// Trusted publisher key file for uploads; repeat for several (added to the config's).
+    #[arg(long = "trust")]
+    pub trust: Vec<PathBuf>,
+    /// Distinct publisher signatures an upload needs.
+    #[arg(long)]
+    pub threshold: Option<usize>,
+}
+
+impl ServeArgs {
+    /// The config file (or defaults) with the flags applied.
+    pub fn config(&self) -> Result<ServerConfig> {
+        let mut config = match &self.config {
+            Some(path) => ServerConfig::load(path)?,
+            None => ServerConfig::default(),
+        };
+        if let Some(dir) = &self.data_dir {
+            config.data_dir = dir.clone();
+        }
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if let Some(listen) = self.mqtt_listen {
+            config.mqtt.listen = listen;
+        }
+        if let Some(url) = &self.broker {
+            let mut broker = config.mqtt.external.take().unwrap_or_default();
+            broker.url = url.clone();
+            config.mqtt.external = Some(BrokerConfig { ..broker });
+        }
+        config.trust.publishers.extend(self.trust.iter().cloned());
+        if let Some(threshold) = self.threshold {
+            config.trust.threshold = threshold;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Runs the server until Ctrl-C or SIGTERM.
+pub fn run(args: &ServeArgs) -> Result<()> {
+    let config = args.config()?;
+    init_logging();
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let server = crate::server::start(config.clone()).await?;
+        println!("flotilla control plane");
+        println!(
+            "  API        http://{}/api/v1  (OpenAPI: /api/v1/openapi.json)",
+            server.api_addr
+        );
+        match server.mqtt_addr {
+            Some(addr) => println!("  MQTT       mqtt://{addr}  (embedded broker)"),
+            None => println!(
+                "  MQTT       {}  (external broker)",
+                config
+                    .mqtt
+                    .external
+                    .as_ref()
+                    .map_or("?", |b| b.url.as_str())
+            ),
+        }
+        println!(
+            "  agent key  {}",
+            config
+                .data_dir
+                .join(format!("{}.pub", crate::server::KEY_NAME))
+                .display()
+        );
+        if server.admin_token.is_some() {
+            println!(
+                "  token      {} (admin; no tokens configured)",
+                config
+                    .data_dir
+                    .join(crate::server::ADMIN_TOKEN_FILE)
+                    .display()
+            );
+        }
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        server.stop().await
+    })
+}
+
+/// Prints a fresh random token and the config entry that accepts it.
+pub fn token(name: &str, role: Role) -> Result<()> {
+    let token = hex::encode(keyfile::random_seed()?);
+    println!("token (give this to the client; it is not stored anywhere):");
+    println!("  {token}");
+    println!();
+    println!("server config entry:");
+    println!("[[tokens]]");
+    println!("name = {name:?}");
+    println!("role = \"{role}\"");
+    println!("sha256 = \"{}\"", hash_token(&token));
+    Ok(())
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,rumqttd=warn,rumqttd::server::broker=off")
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term =
+            signal(SignalKind::terminate()).expect("invariant: SIGTERM handler installs");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

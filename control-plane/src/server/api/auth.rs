@@ -1,0 +1,115 @@
+//! Bearer tokens: compared by SHA-256, each with a role.
+
+use std::collections::HashMap;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+
+use super::{ApiError, AppState};
+use crate::server::config::{hash_token, Role, TokenConfig};
+
+/// The tokens a server accepts, by hash.
+#[derive(Debug, Default)]
+pub struct Tokens {
+    by_hash: HashMap<String, (String, Role)>,
+}
+
+impl Tokens {
+    /// Tokens from the config.
+    pub fn new(tokens: &[TokenConfig]) -> Self {
+        Self {
+            by_hash: tokens
+                .iter()
+                .map(|t| (t.sha256.to_ascii_lowercase(), (t.name.clone(), t.role)))
+                .collect(),
+        }
+    }
+
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+
+    fn find(&self, token: &str) -> Option<&(String, Role)> {
+        self.by_hash.get(&hash_token(token))
+    }
+}
+
+/// Whoever presented a valid token.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    name: String,
+    role: Role,
+}
+
+impl Caller {
+    /// The token's name from the config.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Refuses with 403 unless the caller's role includes `role`.
+    pub fn require(&self, role: Role) -> Result<(), ApiError> {
+        if self.role >= role {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "token {:?} has role {}; this needs {role}",
+                    self.name, self.role
+                ),
+            ))
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "missing bearer token"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "Authorization must be `Bearer <token>`",
+                )
+            })?;
+        let (name, role) = state
+            .tokens
+            .find(token)
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unknown token"))?;
+        Ok(Caller {
+            name: name.clone(),
+            role: *role,
+        })
+    }
+}
+
+/// Adds the bearer scheme to the OpenAPI document.
+pub struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}

@@ -1,0 +1,549 @@
+//! The REST API under `/api/v1`, plus `/healthz`, `/readyz`, `/metrics` and the OpenAPI
+//! document at `/api/v1/openapi.json`, generated from the handlers' annotations.
+//!
+//! Every `/api/v1` route but the OpenAPI document needs a bearer token; reads need `viewer`,
+//! bundle uploads and rollout changes `operator`, forgetting an agent `admin`. Errors are
+//! `{"error": "..."}` with 400 (bad input), 401 (no or unknown token), 403 (role too low),
+//! 404, 409 (conflicts with the current state), 413 (upload too large) or 500.
+
+mod auth;
+mod views;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use serde::Deserialize;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use auth::BearerScheme;
+pub use auth::{Caller, Tokens};
+pub use views::{phase_name, wave_index};
+use views::{AgentView, EventsPage, FleetSummary, RolloutView};
+
+use super::config::Role;
+use super::hub::{Hub, HubError, Steer};
+use super::metrics::{ServerMetrics, CONTENT_TYPE};
+use super::mqtt::MqttStats;
+use super::store::{BundleRecord, Store};
+use super::unix_ms;
+use crate::rollout::{RolloutSpec, Selector};
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The server's state.
+    pub hub: Arc<Mutex<Hub>>,
+    /// The database, for flushing outside the hub's lock.
+    pub store: Store,
+    /// Known tokens.
+    pub tokens: Arc<Tokens>,
+    /// Metrics.
+    pub metrics: Arc<ServerMetrics>,
+    /// MQTT client counters.
+    pub mqtt: Arc<MqttStats>,
+    /// Largest accepted upload, bytes.
+    pub max_upload_bytes: usize,
+    /// The control plane's public key, PEM, for agent configuration.
+    pub public_key_pem: String,
+}
+
+impl AppState {
+    fn hub(&self) -> MutexGuard<'_, Hub> {
+        self.hub.lock().expect("invariant: hub lock never poisoned")
+    }
+}
+
+/// An error answer: a status and `{"error": message}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    /// An error with a status and a message.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl From<HubError> for ApiError {
+    fn from(e: HubError) -> Self {
+        let status = match &e {
+            HubError::Invalid(_) => StatusCode::BAD_REQUEST,
+            HubError::NotFound(_) => StatusCode::NOT_FOUND,
+            HubError::Conflict(_) => StatusCode::CONFLICT,
+            HubError::Internal(e) => {
+                tracing::error!(error = %format!("{e:#}"), "API request failed");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        Self::new(status, e.to_string())
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        HubError::Internal(e).into()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.status,
+            Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static"));
+        }
+        response
+    }
+}
+
+/// `{"error": "..."}`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: String,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Flotilla control plane",
+        description = "Fleet registry, bundle distribution and staged rollouts for edge model serving."
+    ),
+    modifiers(&BearerScheme),
+    tags(
+        (name = "agents", description = "The fleet"),
+        (name = "bundles", description = "Signed model bundles"),
+        (name = "rollouts", description = "Staged rollouts"),
+        (name = "events", description = "The event log"),
+        (name = "server", description = "The server itself"),
+    )
+)]
+struct ApiDoc;
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The whole HTTP surface.
+pub fn router(state: AppState) -> Router {
+    let max_upload = state.max_upload_bytes;
+    let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(list_agents))
+        .routes(routes!(get_agent, forget_agent))
+        .routes(routes!(fleet_summary))
+        .routes(routes!(list_bundles, upload_bundle))
+        .routes(routes!(get_bundle))
+        .routes(routes!(list_rollouts, create_rollout))
+        .routes(routes!(get_rollout))
+        .routes(routes!(steer_rollout))
+        .routes(routes!(list_events))
+        .routes(routes!(server_key))
+        .split_for_parts();
+    let openapi = Arc::new(openapi);
+    Router::new()
+        .merge(api)
+        .route(
+            "/api/v1/openapi.json",
+            axum::routing::get(move || {
+                let openapi = openapi.clone();
+                async move { Json(openapi.as_ref().clone()) }
+            }),
+        )
+        .route("/healthz", axum::routing::get(healthz))
+        .route("/readyz", axum::routing::get(readyz))
+        .route("/metrics", axum::routing::get(metrics))
+        .layer(DefaultBodyLimit::max(max_upload))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+/// Counts and times every request by route template.
+async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    state.metrics.observe_request(
+        &method,
+        &route,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Ready once the database is open (it is, if this runs) and the MQTT client is connected.
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.mqtt.connected.load(Ordering::SeqCst) {
+        "ready".into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not connected to the MQTT broker",
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let text = state.metrics.render(&state.hub(), &state.mqtt);
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
+}
+
+// ---- agents ----------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct AgentQuery {
+    /// Label selector, e.g. `site=berlin,hw in (cpu,gpu)`.
+    selector: Option<String>,
+}
+
+fn parse_selector(text: Option<&str>) -> ApiResult<Selector> {
+    match text {
+        None => Ok(Selector::everything()),
+        Some(text) => text
+            .parse()
+            .map_err(|e| ApiError::bad_request(format!("bad selector {text:?}: {e}"))),
+    }
+}
+
+/// Lists agents, optionally those a label selector matches.
+#[utoipa::path(get, path = "/api/v1/agents", tag = "agents", params(AgentQuery),
+    security(("bearer" = [])),
+    responses((status = 200, body = Vec<AgentView>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+async fn list_agents(
+    caller: Caller,
+    State(state): State<AppState>,
+    Query(query): Query<AgentQuery>,
+) -> ApiResult<Json<Vec<AgentView>>> {
+    caller.require(Role::Viewer)?;
+    let selector = parse_selector(query.selector.as_deref())?;
+    let hub = state.hub();
+    Ok(Json(
+        hub.agents(&selector)
+            .into_iter()
+            .map(|a| AgentView::new(a, &hub))
+            .collect(),
+    ))
+}
+
+/// One agent: identity, labels, capabilities, presence, health and metrics.
+#[utoipa::path(get, path = "/api/v1/agents/{id}", tag = "agents",
+    params(("id" = String, Path, description = "Agent id")), security(("bearer" = [])),
+    responses((status = 200, body = AgentView), (status = 404, body = ErrorBody)))]
+async fn get_agent(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<AgentView>> {
+    caller.require(Role::Viewer)?;
+    let hub = state.hub();
+    let record = hub.agent(&id)?;
+    Ok(Json(AgentView::new(record, &hub)))
+}
+
+/// Forgets an offline agent that is in no active rollout (admin).
+#[utoipa::path(delete, path = "/api/v1/agents/{id}", tag = "agents",
+    params(("id" = String, Path, description = "Agent id")), security(("bearer" = [])),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn forget_agent(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    caller.require(Role::Admin)?;
+    state.hub().forget_agent(&id, unix_ms())?;
+    state.store.flush().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Counts of agents by presence, version and health, and the active rollouts.
+#[utoipa::path(get, path = "/api/v1/fleet", tag = "agents", security(("bearer" = [])),
+    responses((status = 200, body = FleetSummary)))]
+async fn fleet_summary(
+    caller: Caller,
+    State(state): State<AppState>,
+) -> ApiResult<Json<FleetSummary>> {
+    caller.require(Role::Viewer)?;
+    Ok(Json(FleetSummary::new(&state.hub())))
+}
+
+// ---- bundles ---------------------------------------------------------------------------
+
+/// Bundles held, newest first.
+#[utoipa::path(get, path = "/api/v1/bundles", tag = "bundles", security(("bearer" = [])),
+    responses((status = 200, body = Vec<BundleRecord>)))]
+async fn list_bundles(
+    caller: Caller,
+    State(state): State<AppState>,
+) -> ApiResult<Json<Vec<BundleRecord>>> {
+    caller.require(Role::Viewer)?;
+    Ok(Json(state.hub().bundles()))
+}
+
+/// Uploads a signed bundle (the raw file as the body). It is verified against the server's
+/// trusted publisher keys; 201 when new, 200 when already held.
+#[utoipa::path(post, path = "/api/v1/bundles", tag = "bundles", security(("bearer" = [])),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 201, body = BundleRecord), (status = 200, body = BundleRecord),
+        (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)))]
+async fn upload_bundle(
+    caller: Caller,
+    State(state): State<AppState>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> ApiResult<(StatusCode, Json<BundleRecord>)> {
+    caller.require(Role::Operator)?;
+    let bytes = body.map_err(|e| {
+        ApiError::new(
+            e.status(),
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                format!(
+                    "bundle larger than the {} byte upload limit",
+                    state.max_upload_bytes
+                )
+            } else {
+                e.body_text()
+            },
+        )
+    })?;
+    if bytes.is_empty() {
+        return Err(ApiError::bad_request("empty body: send the bundle file"));
+    }
+    let now = unix_ms();
+    // Hashing a large payload takes a while; do it off the hub's lock and the executor.
+    let verifier = state.hub().upload_verifier(now)?;
+    let checked = {
+        let bytes = bytes.clone();
+        tokio::task::spawn_blocking(move || verifier.verify(&bytes))
+            .await
+            .map_err(|e| anyhow::anyhow!("verification task failed: {e}"))?
+    }
+    .map_err(|e| ApiError::bad_request(format!("bundle refused: {e}")))?;
+    let (record, created) = state.hub().add_bundle(checked, &bytes, now)?;
+    state.store.flush().await?;
+    tracing::info!(caller = caller.name(), bundle = %record.digest, created, "bundle upload");
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(record)))
+}
+
+/// One bundle, by digest or `name@version`.
+#[utoipa::path(get, path = "/api/v1/bundles/{reference}", tag = "bundles",
+    params(("reference" = String, Path, description = "Digest or name@version")), security(("bearer" = [])),
+    responses((status = 200, body = BundleRecord), (status = 404, body = ErrorBody)))]
+async fn get_bundle(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(reference): Path<String>,
+) -> ApiResult<Json<BundleRecord>> {
+    caller.require(Role::Viewer)?;
+    Ok(Json(state.hub().bundle(&reference)?))
+}
+
+// ---- rollouts --------------------------------------------------------------------------
+
+/// Rollouts, newest first.
+#[utoipa::path(get, path = "/api/v1/rollouts", tag = "rollouts", security(("bearer" = [])),
+    responses((status = 200, body = Vec<RolloutView>)))]
+async fn list_rollouts(
+    caller: Caller,
+    State(state): State<AppState>,
+) -> ApiResult<Json<Vec<RolloutView>>> {
+    caller.require(Role::Viewer)?;
+    let hub = state.hub();
+    Ok(Json(
+        hub.rollouts().into_iter().map(RolloutView::new).collect(),
+    ))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct CreateQuery {
+    /// Rollout id; default `name-version-N`.
+    id: Option<String>,
+}
+
+/// Starts a rollout from a spec (JSON): bundle, selector, waves, gates, on_failure,
+/// install_timeout_secs, stratify_by.
+#[utoipa::path(post, path = "/api/v1/rollouts", tag = "rollouts", params(CreateQuery),
+    security(("bearer" = [])),
+    request_body(content = Object, content_type = "application/json", description = "A rollout spec"),
+    responses((status = 201, body = RolloutView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn create_rollout(
+    caller: Caller,
+    State(state): State<AppState>,
+    Query(query): Query<CreateQuery>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<RolloutView>)> {
+    caller.require(Role::Operator)?;
+    let text =
+        std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("spec is not UTF-8"))?;
+    let spec = RolloutSpec::from_json(text)
+        .map_err(|e| ApiError::bad_request(format!("invalid rollout spec: {e}")))?;
+    let view = {
+        let mut hub = state.hub();
+        RolloutView::new(hub.create_rollout(query.id, spec, unix_ms())?)
+    };
+    state.store.flush().await?;
+    tracing::info!(caller = caller.name(), rollout = view.id, "rollout created");
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// One rollout with per-wave progress, gate values, and the new and previous versions'
+/// metrics side by side.
+#[utoipa::path(get, path = "/api/v1/rollouts/{id}", tag = "rollouts",
+    params(("id" = String, Path, description = "Rollout id")), security(("bearer" = [])),
+    responses((status = 200, body = RolloutView), (status = 404, body = ErrorBody)))]
+async fn get_rollout(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<RolloutView>> {
+    caller.require(Role::Viewer)?;
+    Ok(Json(RolloutView::new(state.hub().rollout(&id)?)))
+}
+
+/// Optional reason for a steering action.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct SteerBody {
+    /// Why, for the event log.
+    reason: Option<String>,
+}
+
+/// Pauses, resumes, aborts (stop where it is) or rolls back (every updated agent returns to
+/// its previous version) a rollout.
+#[utoipa::path(post, path = "/api/v1/rollouts/{id}/{action}", tag = "rollouts",
+    params(("id" = String, Path, description = "Rollout id"),
+        ("action" = String, Path, description = "pause, resume, abort or rollback")),
+    security(("bearer" = [])), request_body(content = Option<SteerBody>),
+    responses((status = 200, body = RolloutView), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn steer_rollout(
+    caller: Caller,
+    State(state): State<AppState>,
+    Path((id, action)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<RolloutView>> {
+    caller.require(Role::Operator)?;
+    let steer = match action.as_str() {
+        "pause" => Steer::Pause,
+        "resume" => Steer::Resume,
+        "abort" => Steer::Abort,
+        "rollback" => Steer::Rollback,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("unknown rollout action {other:?}: use pause, resume, abort or rollback"),
+            ))
+        }
+    };
+    let body: SteerBody = if body.is_empty() {
+        SteerBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("bad body: {e}")))?
+    };
+    let reason = body
+        .reason
+        .map(|r| format!("{r} (by {})", caller.name()))
+        .or_else(|| Some(format!("operator request (by {})", caller.name())));
+    let view = {
+        let mut hub = state.hub();
+        RolloutView::new(hub.steer(&id, steer, reason, unix_ms())?)
+    };
+    state.store.flush().await?;
+    Ok(Json(view))
+}
+
+// ---- events ----------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct EventQuery {
+    /// Only events about this agent.
+    agent: Option<String>,
+    /// Only events of this rollout.
+    rollout: Option<String>,
+    /// Only events of this kind.
+    kind: Option<String>,
+    /// Only events with a larger id (paging: pass the previous page's `next_after`).
+    after: Option<u64>,
+    /// Page size, 1-1000; default 100.
+    limit: Option<usize>,
+}
+
+/// The event log, oldest first, paged.
+#[utoipa::path(get, path = "/api/v1/events", tag = "events", params(EventQuery),
+    security(("bearer" = [])), responses((status = 200, body = EventsPage)))]
+async fn list_events(
+    caller: Caller,
+    State(state): State<AppState>,
+    Query(query): Query<EventQuery>,
+) -> ApiResult<Json<EventsPage>> {
+    caller.require(Role::Viewer)?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be 1-1000"));
+    }
+    let events = state.store.events(query.after.unwrap_or(0), limit, |e| {
+        query
+            .agent
+            .as_ref()
+            .is_none_or(|a| e.agent.as_ref() == Some(a))
+            && query
+                .rollout
+                .as_ref()
+                .is_none_or(|r| e.rollout.as_ref() == Some(r))
+            && query.kind.as_ref().is_none_or(|k| &e.kind == k)
+    })?;
+    let next_after = events.last().map(|e| e.id).or(query.after);
+    Ok(Json(EventsPage { events, next_after }))
+}
+
+// ---- server ----------------------------------------------------------------------------
+
+/// The control plane's public key (PEM): agents need it to check desired states.
+#[utoipa::path(get, path = "/api/v1/server/key", tag = "server", security(("bearer" = [])),
+    responses((status = 200, content_type = "application/x-pem-file", body = String)))]
+async fn server_key(caller: Caller, State(state): State<AppState>) -> ApiResult<Response> {
+    caller.require(Role::Viewer)?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-pem-file")],
+        state.public_key_pem.clone(),
+    )
+        .into_response())
+}

@@ -1,0 +1,261 @@
+//! What the API answers with, built from the hub's state and the rollout engine's
+//! accessors (never from the engine's persisted form).
+
+use std::collections::BTreeMap;
+
+use flotilla_shared::wire::DesiredState;
+use serde::Serialize;
+
+use crate::rollout::{AgentPhase, Comparison, GateValue, Rollout, RolloutState, WaveStatus};
+use crate::server::hub::{Dropped, Hub};
+use crate::server::registry::AgentRecord;
+use crate::server::store::EventRecord;
+
+/// An agent with what the server last asked of it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AgentView {
+    /// The registry record.
+    #[serde(flatten)]
+    pub record: AgentRecord,
+    /// `name@version` it serves, or `none`.
+    pub version: String,
+    /// The desired state last issued to it.
+    #[schema(value_type = Option<Object>)]
+    pub desired: Option<DesiredState>,
+    /// The active rollout it is in.
+    pub rollout: Option<String>,
+}
+
+impl AgentView {
+    /// Builds the view.
+    pub fn new(record: AgentRecord, hub: &Hub) -> Self {
+        let rollout = hub
+            .rollouts()
+            .into_iter()
+            .find(|r| r.is_active() && r.agent(&record.id).is_some())
+            .map(|r| r.id().to_owned());
+        Self {
+            version: record.version_label(),
+            desired: hub.desired_of(&record.id).cloned(),
+            rollout,
+            record,
+        }
+    }
+}
+
+/// Fleet counts.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct FleetSummary {
+    /// Agents known.
+    pub agents: usize,
+    /// Agents connected.
+    pub online: usize,
+    /// Agents not connected.
+    pub offline: usize,
+    /// Agents by `name@version` served.
+    pub by_version: BTreeMap<String, usize>,
+    /// Agents by health.
+    pub by_health: BTreeMap<String, usize>,
+    /// Ids of active rollouts.
+    pub active_rollouts: Vec<String>,
+    /// Bundles held.
+    pub bundles: usize,
+    /// MQTT messages counted and dropped.
+    pub dropped_messages: Dropped,
+    /// Telemetry items that never arrived, over all agents.
+    pub telemetry_missing: u64,
+}
+
+impl FleetSummary {
+    /// Counts the hub's state.
+    pub fn new(hub: &Hub) -> Self {
+        let agents = hub.agents(&crate::rollout::Selector::everything());
+        let mut by_version = BTreeMap::new();
+        let mut by_health = BTreeMap::new();
+        for agent in &agents {
+            *by_version.entry(agent.version_label()).or_default() += 1;
+            *by_health
+                .entry(agent.health_label().to_owned())
+                .or_default() += 1;
+        }
+        let online = agents.iter().filter(|a| a.online).count();
+        Self {
+            agents: agents.len(),
+            online,
+            offline: agents.len() - online,
+            by_version,
+            by_health,
+            active_rollouts: hub
+                .rollouts()
+                .into_iter()
+                .filter(|r| r.is_active())
+                .map(|r| r.id().to_owned())
+                .collect(),
+            bundles: hub.bundles().len(),
+            dropped_messages: hub.dropped(),
+            telemetry_missing: agents.iter().map(|a| a.telemetry_missing).sum(),
+        }
+    }
+}
+
+/// A rollout as operators read it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RolloutView {
+    /// Rollout id.
+    pub id: String,
+    /// The bundle rolled out.
+    #[schema(value_type = Object)]
+    pub bundle: flotilla_shared::wire::DesiredBundle,
+    /// When it was created, Unix milliseconds.
+    pub created_ms: u64,
+    /// State name: pending, wave, paused, completed, aborted, rolling_back, rolled_back.
+    pub state: &'static str,
+    /// The full state, with its details.
+    #[schema(value_type = Object)]
+    pub status: RolloutState,
+    /// The wave under way, if one is.
+    pub current_wave: Option<usize>,
+    /// The spec it runs.
+    #[schema(value_type = Object)]
+    pub spec: crate::rollout::RolloutSpec,
+    /// Agents targeted.
+    pub targets: usize,
+    /// Agents the selector matched that already ran the bundle.
+    pub skipped: Vec<String>,
+    /// Agents by phase over the whole rollout.
+    pub phases: BTreeMap<String, usize>,
+    /// Every wave.
+    pub waves: Vec<WaveView>,
+    /// The first failed gate, with its numbers.
+    #[schema(value_type = Option<Object>)]
+    pub failure: Option<crate::rollout::GateFailure>,
+    /// Every agent's part.
+    #[schema(value_type = Object)]
+    pub agents: BTreeMap<String, crate::rollout::AgentStatus>,
+}
+
+/// One wave's progress.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WaveView {
+    /// Wave index, from 0.
+    pub index: usize,
+    /// Agents in it (its cohort plus latecomers that joined).
+    pub agents: Vec<String>,
+    /// Its agents by phase.
+    pub phases: BTreeMap<String, usize>,
+    /// Bake time, seconds.
+    pub bake_secs: u64,
+    /// When it started, Unix milliseconds.
+    pub started_ms: Option<u64>,
+    /// When its bake ends.
+    pub bake_ends_ms: Option<u64>,
+    /// The latest gate evaluation.
+    #[schema(value_type = Vec<Object>)]
+    pub gates: Vec<GateValue>,
+    /// How it ended.
+    #[schema(value_type = Option<Object>)]
+    pub outcome: Option<crate::rollout::WaveOutcome>,
+    /// The new version's metrics next to the previous version's on this wave's agents.
+    #[schema(value_type = Option<Object>)]
+    pub comparison: Option<Comparison>,
+}
+
+impl RolloutView {
+    /// Builds the view from the engine's accessors.
+    pub fn new(rollout: &Rollout) -> Self {
+        let agents: BTreeMap<String, crate::rollout::AgentStatus> = rollout
+            .agents()
+            .map(|(id, status)| (id.to_owned(), status.clone()))
+            .collect();
+        let mut phases = BTreeMap::new();
+        for status in agents.values() {
+            *phases
+                .entry(phase_name(&status.phase).to_owned())
+                .or_default() += 1;
+        }
+        let waves = rollout
+            .waves()
+            .iter()
+            .map(|wave| WaveView::new(rollout, wave, &agents))
+            .collect();
+        Self {
+            id: rollout.id().to_owned(),
+            bundle: rollout.bundle().clone(),
+            created_ms: rollout.created_ms(),
+            state: rollout.state().name(),
+            status: rollout.state().clone(),
+            current_wave: wave_index(rollout.state()),
+            spec: rollout.spec().clone(),
+            targets: agents.len(),
+            skipped: rollout.skipped().to_vec(),
+            phases,
+            waves,
+            failure: rollout.failure().cloned(),
+            agents,
+        }
+    }
+}
+
+impl WaveView {
+    fn new(
+        rollout: &Rollout,
+        wave: &WaveStatus,
+        agents: &BTreeMap<String, crate::rollout::AgentStatus>,
+    ) -> Self {
+        let members: Vec<String> = agents
+            .iter()
+            .filter(|(_, s)| s.wave == wave.index)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut phases = BTreeMap::new();
+        for id in &members {
+            *phases
+                .entry(phase_name(&agents[id].phase).to_owned())
+                .or_default() += 1;
+        }
+        Self {
+            index: wave.index,
+            agents: members,
+            phases,
+            bake_secs: wave.bake_secs,
+            started_ms: wave.started_ms,
+            bake_ends_ms: wave.bake_ends_ms,
+            gates: wave.gates.clone(),
+            outcome: wave.outcome.clone(),
+            comparison: wave.started_ms.and(rollout.comparison(wave.index)),
+        }
+    }
+}
+
+/// A page of the event log.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EventsPage {
+    /// The events, oldest first.
+    pub events: Vec<EventRecord>,
+    /// Pass as `after` for the next page.
+    pub next_after: Option<u64>,
+}
+
+/// The phase's name, as in its JSON form.
+pub fn phase_name(phase: &AgentPhase) -> &'static str {
+    match phase {
+        AgentPhase::Waiting => "waiting",
+        AgentPhase::Unreachable { .. } => "unreachable",
+        AgentPhase::Assigned { .. } => "assigned",
+        AgentPhase::Installing { .. } => "installing",
+        AgentPhase::Active { .. } => "active",
+        AgentPhase::Failed { .. } => "failed",
+        AgentPhase::SelfTestFailed { .. } => "self_test_failed",
+        AgentPhase::RollingBack { .. } => "rolling_back",
+        AgentPhase::RolledBack { .. } => "rolled_back",
+        AgentPhase::RollbackStalled { .. } => "rollback_stalled",
+    }
+}
+
+/// The wave a rollout is in or stopped in.
+pub fn wave_index(state: &RolloutState) -> Option<usize> {
+    match state {
+        RolloutState::Wave { index, .. } | RolloutState::Paused { index, .. } => Some(*index),
+        _ => None,
+    }
+}

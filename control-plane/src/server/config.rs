@@ -1,0 +1,289 @@
+//! The server's TOML configuration, with command-line overrides applied by the CLI.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use flotilla_agent::config::BrokerConfig;
+use flotilla_shared::PublicKey;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Default REST API address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default address of the embedded MQTT broker.
+pub const DEFAULT_MQTT_LISTEN: &str = "127.0.0.1:1883";
+/// Largest MQTT packet the server sends or accepts: a chunk (up to 1 MiB) with its envelope.
+pub const MAX_PACKET_BYTES: usize = 4 << 20;
+/// Default upload limit: bundles larger than this are refused with 413.
+pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 2 << 30;
+
+/// Everything `flotilla server` needs. Unknown fields are refused so a typo never passes
+/// silently for a default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Where the server keeps its state and its key.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// REST API address.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// MQTT: the embedded broker, or an external one.
+    #[serde(default)]
+    pub mqtt: MqttConfig,
+    /// Publisher keys a bundle must be signed with before the server accepts it.
+    #[serde(default)]
+    pub trust: TrustConfig,
+    /// API tokens, stored hashed.
+    #[serde(default)]
+    pub tokens: Vec<TokenConfig>,
+    /// Bundles larger than this many bytes are refused.
+    #[serde(default = "default_max_upload_bytes")]
+    pub max_upload_bytes: u64,
+    /// An agent silent for this many seconds counts as offline even without its will (the
+    /// broker may have lost the will, for example when it restarted).
+    #[serde(default = "default_agent_timeout_secs")]
+    pub agent_timeout_secs: u64,
+}
+
+/// How the server reaches MQTT.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Address of the embedded broker's plain listener (ignored with `broker`).
+    #[serde(default = "default_mqtt_listen")]
+    pub listen: SocketAddr,
+    /// Optional TLS listener of the embedded broker.
+    #[serde(default)]
+    pub tls: Option<BrokerTls>,
+    /// An external broker to use as an ordinary client instead of embedding one: the same
+    /// fields as an agent's `[broker]` (`url`, `ca_file`, `client_cert`, `client_key`,
+    /// `username`, `password`, `keep_alive_secs`).
+    #[serde(default)]
+    pub external: Option<BrokerConfig>,
+    /// Client id on the broker.
+    #[serde(default = "default_client_id")]
+    pub client_id: String,
+}
+
+/// Certificate and key of the embedded broker's TLS listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerTls {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// Private key (PEM).
+    pub key_file: PathBuf,
+}
+
+/// Publisher keys for uploads.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustConfig {
+    /// Public key files (PEM).
+    #[serde(default)]
+    pub publishers: Vec<PathBuf>,
+    /// Distinct publisher signatures a bundle needs.
+    #[serde(default = "default_threshold")]
+    pub threshold: usize,
+}
+
+/// One API token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds it, for logs.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// SHA-256 of the token, hex (see `flotilla server token`).
+    pub sha256: String,
+}
+
+/// What a token may do; each role includes the ones before it.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Read anything.
+    Viewer,
+    /// Upload bundles; start and steer rollouts.
+    Operator,
+    /// Everything, including forgetting agents.
+    Admin,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Viewer => "viewer",
+            Self::Operator => "operator",
+            Self::Admin => "admin",
+        })
+    }
+}
+
+impl Default for TrustConfig {
+    fn default() -> Self {
+        Self {
+            publishers: Vec::new(),
+            threshold: default_threshold(),
+        }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_mqtt_listen(),
+            tls: None,
+            external: None,
+            client_id: default_client_id(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: default_data_dir(),
+            listen: default_listen(),
+            mqtt: MqttConfig::default(),
+            trust: TrustConfig::default(),
+            tokens: Vec::new(),
+            max_upload_bytes: default_max_upload_bytes(),
+            agent_timeout_secs: default_agent_timeout_secs(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read server config {}", path.display()))?;
+        let config: Self = toml::from_str(&text)
+            .with_context(|| format!("bad server config {}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Checks what a parse cannot: token hashes, trust threshold, broker URL.
+    pub fn validate(&self) -> Result<()> {
+        for token in &self.tokens {
+            let valid =
+                token.sha256.len() == 64 && token.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+            if !valid {
+                bail!(
+                    "token {:?}: sha256 must be 64 hex digits (make one with `flotilla server token`)",
+                    token.name
+                );
+            }
+        }
+        if !self.trust.publishers.is_empty() && self.trust.threshold == 0 {
+            bail!("trust.threshold must be at least 1");
+        }
+        if self.trust.threshold > self.trust.publishers.len() && !self.trust.publishers.is_empty() {
+            bail!(
+                "trust.threshold {} exceeds the {} publisher key(s)",
+                self.trust.threshold,
+                self.trust.publishers.len()
+            );
+        }
+        if let Some(broker) = &self.mqtt.external {
+            flotilla_agent::link::mqtt_options(&self.mqtt.client_id, broker, MAX_PACKET_BYTES)
+                .context("bad [mqtt.external]")?;
+        }
+        if self.agent_timeout_secs == 0 {
+            bail!("agent_timeout_secs must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The publisher keys, read from their files.
+    pub fn publisher_keys(&self) -> Result<Vec<PublicKey>> {
+        self.trust
+            .publishers
+            .iter()
+            .map(|path| crate::keyfile::load_public(path))
+            .collect()
+    }
+
+    /// How long an agent may stay silent before it counts as offline.
+    pub fn agent_timeout(&self) -> Duration {
+        Duration::from_secs(self.agent_timeout_secs)
+    }
+}
+
+/// Hex SHA-256 of a token, as the config stores it.
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("flotilla-data")
+}
+fn default_listen() -> SocketAddr {
+    DEFAULT_LISTEN
+        .parse()
+        .expect("invariant: default address parses")
+}
+fn default_mqtt_listen() -> SocketAddr {
+    DEFAULT_MQTT_LISTEN
+        .parse()
+        .expect("invariant: default address parses")
+}
+fn default_client_id() -> String {
+    "flotilla-control-plane".into()
+}
+fn default_threshold() -> usize {
+    1
+}
+fn default_max_upload_bytes() -> u64 {
+    DEFAULT_MAX_UPLOAD_BYTES
+}
+fn default_agent_timeout_secs() -> u64 {
+    35
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_and_bad_tokens_are_refused() {
+        assert!(toml::from_str::<ServerConfig>("listne = \"127.0.0.1:1\"").is_err());
+        let config: ServerConfig =
+            toml::from_str("[[tokens]]\nname = \"ci\"\nrole = \"operator\"\nsha256 = \"abc\"\n")
+                .unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("64 hex digits"), "{err}");
+    }
+
+    #[test]
+    fn external_broker_urls_are_checked() {
+        let mut config = ServerConfig::default();
+        config.mqtt.external = Some(BrokerConfig {
+            url: "http://x".into(),
+            ..BrokerConfig::default()
+        });
+        assert!(config.validate().is_err());
+        config.mqtt.external = Some(BrokerConfig {
+            url: "mqtt://broker.local:1884".into(),
+            ..BrokerConfig::default()
+        });
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn token_hash_is_sha256_hex() {
+        assert_eq!(
+            hash_token("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,0 +1,847 @@
+//! The hub: the server's state and every rule that changes it.
+//!
+//! One [`Hub`] sits behind a mutex; the MQTT input task, the API handlers and the clock
+//! each lock it briefly, call one method, and leave. Methods never wait on the network:
+//! messages to publish go to an unbounded queue a publisher task drains, so the MQTT event
+//! loop can never end up waiting on itself. Every method writes what it changed to the
+//! [`Store`] before returning; API handlers then [`Store::flush`] before answering.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use flotilla_shared::verify::{VerifiedBundle, Verifier};
+use flotilla_shared::wire::{
+    topics, DesiredBundle, DesiredState, Envelope, Event, EventKind, Heartbeat, Presence,
+    SignedDesiredState, Telemetry,
+};
+use flotilla_shared::{SecretKey, Sha256Digest};
+use tokio::sync::mpsc;
+
+use super::registry::{AgentRecord, PresenceChange, Sequence};
+use super::store::{BundleRecord, EventRecord, Store};
+use crate::rollout::{
+    check_overlap, Action, BundleRef, Rollout, RolloutError, RolloutEvent, RolloutSpec, Selector,
+    Target,
+};
+
+/// The sender name the server puts in its envelopes.
+pub const SERVER_ID: &str = "control-plane";
+
+/// A message for the broker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    /// Topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Vec<u8>,
+    /// Whether the broker keeps it for later subscribers.
+    pub retain: bool,
+}
+
+/// Why a request to the hub was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The request is wrong; the message says how.
+    #[error("{0}")]
+    Invalid(String),
+    /// What it names does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// It conflicts with the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The server failed.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+/// Messages the server counted and dropped.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct Dropped {
+    /// Not decodable, or on a topic the server does not serve.
+    pub malformed: u64,
+    /// Sent on one agent's topic in the name of another.
+    pub foreign: u64,
+    /// Telemetry redelivered (sequence number already seen).
+    pub duplicate: u64,
+}
+
+/// An operator's action on a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Steer {
+    /// Stop before the next step.
+    Pause,
+    /// Continue a paused rollout.
+    Resume,
+    /// Stop where it is.
+    Abort,
+    /// Send every updated agent back.
+    Rollback,
+}
+
+/// The server's state.
+pub struct Hub {
+    store: Store,
+    key: SecretKey,
+    publishers: Vec<flotilla_shared::PublicKey>,
+    threshold: usize,
+    agent_timeout_ms: u64,
+    agents: BTreeMap<String, AgentRecord>,
+    bundles: BTreeMap<Sha256Digest, BundleRecord>,
+    desired: BTreeMap<String, DesiredState>,
+    rollouts: BTreeMap<String, Rollout>,
+    out: mpsc::UnboundedSender<Outgoing>,
+    seq: u64,
+    dropped: Dropped,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("agents", &self.agents.len())
+            .field("bundles", &self.bundles.len())
+            .field("rollouts", &self.rollouts.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the hub needs from the configuration.
+#[derive(Debug)]
+pub struct HubSettings {
+    /// The key desired states are signed with.
+    pub key: SecretKey,
+    /// Publisher keys uploads must be signed with.
+    pub publishers: Vec<flotilla_shared::PublicKey>,
+    /// Distinct publisher signatures an upload needs.
+    pub threshold: usize,
+    /// Silence after which an agent counts as offline, milliseconds.
+    pub agent_timeout_ms: u64,
+}
+
+impl Hub {
+    /// Loads the state from `store`.
+    pub fn load(
+        store: Store,
+        settings: HubSettings,
+        out: mpsc::UnboundedSender<Outgoing>,
+        now_ms: u64,
+    ) -> Result<Self> {
+        let agents = store
+            .agents()?
+            .into_iter()
+            .map(|a| (a.id.clone(), a))
+            .collect();
+        let bundles = store
+            .bundles()?
+            .into_iter()
+            .map(|b| (b.digest, b))
+            .collect();
+        let desired = store
+            .desired_states()?
+            .into_iter()
+            .map(|d| (d.agent.clone(), d))
+            .collect();
+        let rollouts = store
+            .rollouts()?
+            .into_iter()
+            .map(|r| (r.id().to_owned(), r))
+            .collect();
+        Ok(Self {
+            store,
+            key: settings.key,
+            publishers: settings.publishers,
+            threshold: settings.threshold,
+            agent_timeout_ms: settings.agent_timeout_ms,
+            agents,
+            bundles,
+            desired,
+            rollouts,
+            out,
+            // Envelope sequence numbers only need to grow; starting from the clock keeps
+            // them growing across restarts without storing a counter.
+            seq: now_ms,
+            dropped: Dropped::default(),
+        })
+    }
+
+    /// The store, for flushing outside the lock.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Messages counted and dropped so far.
+    pub fn dropped(&self) -> Dropped {
+        self.dropped
+    }
+
+    // ---- MQTT input ------------------------------------------------------------------
+
+    /// Handles a message on an agent topic. Malformed messages and messages in another
+    /// agent's name are counted and dropped.
+    pub fn on_agent_message(&mut self, topic: &str, payload: &[u8], now_ms: u64) {
+        let Some(agent) = topics::agent_of(topic) else {
+            self.dropped.malformed += 1;
+            return;
+        };
+        if flotilla_shared::wire::check_agent_id(agent).is_err() {
+            self.dropped.malformed += 1;
+            return;
+        }
+        let agent = agent.to_owned();
+        let result = if topic == topics::agent_state(&agent) {
+            match Envelope::<Presence>::decode(payload) {
+                Ok(env) if env.from != agent => Err(Drop::Foreign),
+                Ok(env) => Ok(self.on_presence(&agent, env.body, now_ms)),
+                Err(e) => Err(Drop::Malformed(e.to_string())),
+            }
+        } else if topic == topics::agent_telemetry(&agent) {
+            match Envelope::<Telemetry>::decode(payload) {
+                Ok(env) if env.from != agent => Err(Drop::Foreign),
+                Ok(env) => Ok(self.on_telemetry(&agent, env.seq, env.body, now_ms)),
+                Err(e) => Err(Drop::Malformed(e.to_string())),
+            }
+        } else {
+            Err(Drop::Malformed(format!("unexpected topic {topic}")))
+        };
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(agent, error = %format!("{e:#}"), "cannot record an agent message")
+            }
+            Err(Drop::Foreign) => {
+                self.dropped.foreign += 1;
+                tracing::warn!(
+                    agent,
+                    topic,
+                    "dropped a message sent in another agent's name"
+                );
+            }
+            Err(Drop::Malformed(why)) => {
+                self.dropped.malformed += 1;
+                tracing::warn!(agent, topic, why, "dropped a malformed message");
+            }
+        }
+    }
+
+    fn on_presence(&mut self, agent: &str, presence: Presence, now_ms: u64) -> Result<()> {
+        let record = self
+            .agents
+            .entry(agent.to_owned())
+            .or_insert_with(|| AgentRecord::new(agent, now_ms));
+        let change = match &presence {
+            Presence::Online(birth) => record.on_birth(birth, now_ms),
+            Presence::Offline { session } => record.on_offline(*session, now_ms),
+        };
+        let record = record.clone();
+        self.store.put_agent(&record)?;
+        self.presence_changed(&record, change, now_ms)
+    }
+
+    fn presence_changed(
+        &mut self,
+        record: &AgentRecord,
+        change: PresenceChange,
+        now_ms: u64,
+    ) -> Result<()> {
+        let (online, kind) = match change {
+            PresenceChange::Stale | PresenceChange::Reconnected => return Ok(()),
+            PresenceChange::CameOnline => (true, "agent_online"),
+            PresenceChange::WentOffline => (false, "agent_offline"),
+        };
+        self.log(
+            Some(&record.id),
+            None,
+            kind,
+            format!(
+                "{} is {} (session {})",
+                record.id,
+                if online { "online" } else { "offline" },
+                record.session
+            ),
+            serde_json::json!({ "session": record.session }),
+            now_ms,
+        )?;
+        for id in self.rollouts_of(&record.id) {
+            let actions = self
+                .rollout_mut(&id)
+                .on_presence(&record.id, online, now_ms);
+            self.carry_out(&id, actions, now_ms)?;
+        }
+        Ok(())
+    }
+
+    fn on_telemetry(
+        &mut self,
+        agent: &str,
+        seq: u64,
+        telemetry: Telemetry,
+        now_ms: u64,
+    ) -> Result<()> {
+        let record = self
+            .agents
+            .entry(agent.to_owned())
+            .or_insert_with(|| AgentRecord::new(agent, now_ms));
+        match record.on_sequence(seq, now_ms) {
+            Sequence::Duplicate => {
+                self.dropped.duplicate += 1;
+                return Ok(());
+            }
+            Sequence::Fresh { missing } if missing > 0 => {
+                tracing::warn!(agent, missing, seq, "telemetry sequence gap");
+            }
+            Sequence::Fresh { .. } => {}
+        }
+        match telemetry {
+            Telemetry::Heartbeat(heartbeat) => self.on_heartbeat(agent, &heartbeat, now_ms),
+            Telemetry::Event(event) => self.on_event(agent, &event, now_ms),
+        }
+    }
+
+    fn on_heartbeat(&mut self, agent: &str, heartbeat: &Heartbeat, now_ms: u64) -> Result<()> {
+        let record = self
+            .agents
+            .get_mut(agent)
+            .expect("invariant: record made by on_telemetry");
+        let change = record.on_heartbeat(heartbeat, now_ms);
+        let record = record.clone();
+        self.store.put_agent(&record)?;
+        if let Some(change) = change {
+            self.presence_changed(&record, change, now_ms)?;
+        }
+        for id in self.rollouts_of(agent) {
+            let actions = self.rollout_mut(&id).on_heartbeat(agent, heartbeat, now_ms);
+            self.carry_out(&id, actions, now_ms)?;
+        }
+        Ok(())
+    }
+
+    fn on_event(&mut self, agent: &str, event: &Event, now_ms: u64) -> Result<()> {
+        let record = self
+            .agents
+            .get_mut(agent)
+            .expect("invariant: record made by on_telemetry");
+        if let EventKind::Started { active } = &event.kind {
+            record.active = active.clone();
+        }
+        let record = record.clone();
+        self.store.put_agent(&record)?;
+        let (kind, message) = describe_event(agent, &event.kind);
+        self.log(
+            Some(agent),
+            event.rollout.as_deref(),
+            kind,
+            message,
+            serde_json::to_value(event).unwrap_or_default(),
+            now_ms,
+        )?;
+        for id in self.rollouts_of(agent) {
+            let actions = self.rollout_mut(&id).on_event(agent, event, now_ms);
+            self.carry_out(&id, actions, now_ms)?;
+        }
+        Ok(())
+    }
+
+    // ---- time --------------------------------------------------------------------------
+
+    /// Marks silent agents offline and lets every active rollout's timers run.
+    pub fn tick(&mut self, now_ms: u64) -> Result<()> {
+        let silent: Vec<String> = self
+            .agents
+            .values()
+            .filter(|a| a.online && now_ms.saturating_sub(a.last_seen_ms) > self.agent_timeout_ms)
+            .map(|a| a.id.clone())
+            .collect();
+        for agent in silent {
+            let record = self
+                .agents
+                .get_mut(&agent)
+                .expect("invariant: listed above");
+            record.time_out(now_ms);
+            let record = record.clone();
+            self.store.put_agent(&record)?;
+            tracing::info!(agent, "agent silent past the timeout; counted offline");
+            self.presence_changed(&record, PresenceChange::WentOffline, now_ms)?;
+        }
+        let active: Vec<String> = self
+            .rollouts
+            .values()
+            .filter(|r| r.is_active())
+            .map(|r| r.id().to_owned())
+            .collect();
+        for id in active {
+            let actions = self.rollout_mut(&id).tick(now_ms);
+            self.carry_out(&id, actions, now_ms)?;
+        }
+        Ok(())
+    }
+
+    /// Publishes every agent's desired state again (retained). Called after each connection
+    /// to the broker: an embedded broker keeps no retained messages across restarts.
+    pub fn republish_desired(&mut self) {
+        let states: Vec<DesiredState> = self.desired.values().cloned().collect();
+        for state in states {
+            self.publish_desired(&state);
+        }
+    }
+
+    // ---- bundles -----------------------------------------------------------------------
+
+    /// A verifier for uploads: the trusted publishers and threshold, at `now_ms`. Uploads
+    /// are verified with it outside the hub's lock, then handed to [`Hub::add_bundle`].
+    pub fn upload_verifier(&self, now_ms: u64) -> Result<Verifier, HubError> {
+        if self.publishers.is_empty() {
+            return Err(HubError::Conflict(
+                "this server trusts no publisher key; add [trust] publishers to its config".into(),
+            ));
+        }
+        Verifier::new(&self.publishers, self.threshold, now_ms / 1000)
+            .map_err(|e| HubError::Internal(anyhow::anyhow!("trust configuration: {e}")))
+    }
+
+    /// Stores a bundle that passed [`Hub::upload_verifier`]'s checks. Returns the record and
+    /// whether it is new; a second release with the same name and version but other
+    /// contents is refused.
+    pub fn add_bundle(
+        &mut self,
+        verified: VerifiedBundle,
+        bytes: &[u8],
+        now_ms: u64,
+    ) -> Result<(BundleRecord, bool), HubError> {
+        if let Some(existing) = self.bundles.get(&verified.digest) {
+            return Ok((existing.clone(), false));
+        }
+        let manifest = &verified.manifest;
+        let clash = self
+            .bundles
+            .values()
+            .find(|b| b.name == manifest.name && b.version == manifest.version.to_string());
+        if let Some(clash) = clash {
+            return Err(HubError::Conflict(format!(
+                "{}@{} is already held as {}; a release's contents never change, so bump the version",
+                clash.name, clash.version, clash.digest
+            )));
+        }
+        let record = BundleRecord {
+            digest: verified.digest,
+            name: manifest.name.clone(),
+            version: manifest.version.to_string(),
+            sequence: manifest.sequence,
+            size: bytes.len() as u64,
+            chunks: manifest.chunks.len() as u32,
+            task: manifest.model.task.to_string(),
+            backends: manifest
+                .requirements
+                .backends
+                .iter()
+                .map(|b| b.to_string())
+                .collect(),
+            expires_at: manifest.expires_at,
+            signed_by: verified.signed_by.iter().map(|k| k.0.to_hex()).collect(),
+            uploaded_ms: now_ms,
+        };
+        self.store.put_bundle(&record, bytes)?;
+        self.bundles.insert(record.digest, record.clone());
+        self.log(
+            None,
+            None,
+            "bundle_uploaded",
+            format!(
+                "{}@{} uploaded ({})",
+                record.name, record.version, record.digest
+            ),
+            serde_json::to_value(&record).unwrap_or_default(),
+            now_ms,
+        )?;
+        Ok((record, true))
+    }
+
+    /// Every bundle, newest first.
+    pub fn bundles(&self) -> Vec<BundleRecord> {
+        let mut all: Vec<BundleRecord> = self.bundles.values().cloned().collect();
+        all.sort_by(|a, b| b.uploaded_ms.cmp(&a.uploaded_ms).then(a.name.cmp(&b.name)));
+        all
+    }
+
+    /// One bundle, by digest or `name@version`.
+    pub fn bundle(&self, reference: &str) -> Result<BundleRecord, HubError> {
+        let parsed: BundleRef = reference
+            .parse()
+            .map_err(|e| HubError::Invalid(format!("bundle reference {reference:?}: {e}")))?;
+        self.resolve(&parsed)
+    }
+
+    fn resolve(&self, reference: &BundleRef) -> Result<BundleRecord, HubError> {
+        self.bundles
+            .values()
+            .find(|b| reference.names(&b.digest, &b.name, &b.version))
+            .cloned()
+            .ok_or_else(|| HubError::NotFound(format!("unknown bundle {reference}")))
+    }
+
+    // ---- agents ------------------------------------------------------------------------
+
+    /// Agents the selector matches, by id.
+    pub fn agents(&self, selector: &Selector) -> Vec<AgentRecord> {
+        self.agents
+            .values()
+            .filter(|a| selector.matches(&a.labels))
+            .cloned()
+            .collect()
+    }
+
+    /// One agent.
+    pub fn agent(&self, id: &str) -> Result<AgentRecord, HubError> {
+        self.agents
+            .get(id)
+            .cloned()
+            .ok_or_else(|| HubError::NotFound(format!("unknown agent {id:?}")))
+    }
+
+    /// The desired state last issued to an agent.
+    pub fn desired_of(&self, id: &str) -> Option<&DesiredState> {
+        self.desired.get(id)
+    }
+
+    /// Forgets an agent that is offline and in no active rollout.
+    pub fn forget_agent(&mut self, id: &str, now_ms: u64) -> Result<(), HubError> {
+        let record = self.agent(id)?;
+        if record.online {
+            return Err(HubError::Conflict(format!(
+                "agent {id} is online; stop it first"
+            )));
+        }
+        if let Some(rollout) = self.rollouts_of(id).first() {
+            return Err(HubError::Conflict(format!(
+                "agent {id} is in active rollout {rollout}"
+            )));
+        }
+        self.store.remove_agent(id)?;
+        self.agents.remove(id);
+        self.desired.remove(id);
+        self.log(
+            Some(id),
+            None,
+            "agent_forgotten",
+            format!("{id} forgotten"),
+            serde_json::Value::Null,
+            now_ms,
+        )?;
+        Ok(())
+    }
+
+    // ---- rollouts ----------------------------------------------------------------------
+
+    /// Plans and starts a rollout. `id` defaults to `name-version-N`.
+    pub fn create_rollout(
+        &mut self,
+        id: Option<String>,
+        spec: RolloutSpec,
+        now_ms: u64,
+    ) -> Result<&Rollout, HubError> {
+        spec.validate()
+            .map_err(|e| HubError::Invalid(format!("invalid rollout spec: {e}")))?;
+        let bundle = self.resolve(&spec.bundle).map_err(|e| match e {
+            HubError::NotFound(m) => HubError::Invalid(format!("{m}; upload it first")),
+            other => other,
+        })?;
+        let id = match id {
+            Some(id) => {
+                if self.rollouts.contains_key(&id) {
+                    return Err(HubError::Conflict(format!("rollout {id} already exists")));
+                }
+                id
+            }
+            None => (1..)
+                .map(|n| format!("{}-{}-{n}", bundle.name, bundle.version))
+                .find(|id| !self.rollouts.contains_key(id))
+                .expect("invariant: an unused id exists"),
+        };
+        let fleet: Vec<Target> = self
+            .agents
+            .values()
+            .map(|a| Target {
+                agent: a.id.clone(),
+                labels: a.labels.clone(),
+                online: a.online,
+                running: a.running(),
+            })
+            .collect();
+        let desired = DesiredBundle {
+            digest: bundle.digest,
+            name: bundle.name.clone(),
+            version: bundle.version.clone(),
+        };
+        let mut rollout = Rollout::new(id.clone(), spec, desired, &fleet, now_ms)
+            .map_err(|e| HubError::Invalid(e.to_string()))?;
+        check_overlap(self.rollouts.values(), rollout.targets())
+            .map_err(|e| HubError::Invalid(e.to_string()))?;
+        let actions = rollout
+            .start(now_ms)
+            .map_err(|e| HubError::Internal(anyhow::anyhow!(e)))?;
+        self.rollouts.insert(id.clone(), rollout);
+        self.carry_out(&id, actions, now_ms)?;
+        Ok(&self.rollouts[&id])
+    }
+
+    /// Every rollout, newest first.
+    pub fn rollouts(&self) -> Vec<&Rollout> {
+        let mut all: Vec<&Rollout> = self.rollouts.values().collect();
+        all.sort_by(|a, b| b.created_ms().cmp(&a.created_ms()).then(a.id().cmp(b.id())));
+        all
+    }
+
+    /// One rollout.
+    pub fn rollout(&self, id: &str) -> Result<&Rollout, HubError> {
+        self.rollouts
+            .get(id)
+            .ok_or_else(|| HubError::NotFound(format!("unknown rollout {id:?}")))
+    }
+
+    /// Pauses, resumes, aborts or rolls back a rollout by hand.
+    pub fn steer(
+        &mut self,
+        id: &str,
+        steer: Steer,
+        reason: Option<String>,
+        now_ms: u64,
+    ) -> Result<&Rollout, HubError> {
+        let rollout = self
+            .rollouts
+            .get_mut(id)
+            .ok_or_else(|| HubError::NotFound(format!("unknown rollout {id:?}")))?;
+        let reason = reason.unwrap_or_else(|| "operator request".into());
+        let result: Result<Vec<Action>, RolloutError> = match steer {
+            Steer::Pause => rollout.pause(now_ms, reason),
+            Steer::Resume => rollout.resume(now_ms),
+            Steer::Abort => rollout.abort(now_ms, reason),
+            Steer::Rollback => rollout.rollback(now_ms, reason),
+        };
+        let actions = result.map_err(|e| HubError::Conflict(e.to_string()))?;
+        self.carry_out(id, actions, now_ms)?;
+        Ok(&self.rollouts[id])
+    }
+
+    fn rollouts_of(&self, agent: &str) -> Vec<String> {
+        self.rollouts
+            .values()
+            .filter(|r| r.is_active() && r.agent(agent).is_some())
+            .map(|r| r.id().to_owned())
+            .collect()
+    }
+
+    fn rollout_mut(&mut self, id: &str) -> &mut Rollout {
+        self.rollouts
+            .get_mut(id)
+            .expect("invariant: callers pass ids of held rollouts")
+    }
+
+    /// Carries out what a rollout asked for, then persists the rollout.
+    fn carry_out(&mut self, id: &str, actions: Vec<Action>, now_ms: u64) -> Result<()> {
+        for action in actions {
+            match action {
+                Action::SetDesired { agent, bundle } => {
+                    self.set_desired(&agent, bundle, Some(id), now_ms)?;
+                }
+                Action::Log(event) => self.log_rollout_event(id, &event, now_ms)?,
+            }
+        }
+        self.store.put_rollout(&self.rollouts[id])
+    }
+
+    fn log_rollout_event(&mut self, id: &str, event: &RolloutEvent, now_ms: u64) -> Result<()> {
+        let detail = serde_json::to_value(event).unwrap_or_default();
+        let kind = detail
+            .get("event")
+            .and_then(|v| v.as_str())
+            .map(|k| format!("rollout_{k}"))
+            .unwrap_or_else(|| "rollout_gate_failed".into());
+        let message = describe_rollout_event(id, event);
+        tracing::info!(rollout = id, "{message}");
+        let agent = match event {
+            RolloutEvent::AgentReturned { agent, .. } | RolloutEvent::AgentFailed { agent, .. } => {
+                Some(agent.as_str())
+            }
+            _ => None,
+        };
+        self.log(agent, Some(id), &kind, message, detail, now_ms)
+    }
+
+    // ---- desired state -----------------------------------------------------------------
+
+    /// Issues the next desired state for `agent`, signed and retained.
+    fn set_desired(
+        &mut self,
+        agent: &str,
+        bundle: Option<DesiredBundle>,
+        rollout: Option<&str>,
+        now_ms: u64,
+    ) -> Result<()> {
+        let generation = self.desired.get(agent).map_or(1, |d| d.generation + 1);
+        let state = DesiredState {
+            agent: agent.to_owned(),
+            generation,
+            bundle,
+            rollout: rollout.map(str::to_owned),
+            issued_at_ms: now_ms,
+        };
+        self.store.put_desired(&state)?;
+        self.publish_desired(&state);
+        self.desired.insert(agent.to_owned(), state);
+        Ok(())
+    }
+
+    fn publish_desired(&mut self, state: &DesiredState) {
+        let signed = SignedDesiredState::sign(state, &self.key);
+        self.seq += 1;
+        let envelope = Envelope::new(SERVER_ID, self.seq, state.issued_at_ms, signed);
+        let _ = self.out.send(Outgoing {
+            topic: topics::agent_desired(&state.agent),
+            payload: envelope.encode(),
+            retain: true,
+        });
+    }
+
+    // ---- events ------------------------------------------------------------------------
+
+    fn log(
+        &mut self,
+        agent: Option<&str>,
+        rollout: Option<&str>,
+        kind: &str,
+        message: String,
+        detail: serde_json::Value,
+        now_ms: u64,
+    ) -> Result<()> {
+        self.store
+            .append_event(EventRecord {
+                id: 0,
+                at_ms: now_ms,
+                agent: agent.map(str::to_owned),
+                rollout: rollout.map(str::to_owned),
+                kind: kind.to_owned(),
+                message,
+                detail,
+            })
+            .context("cannot append to the event log")?;
+        Ok(())
+    }
+}
+
+enum Drop {
+    Foreign,
+    Malformed(String),
+}
+
+/// A short name and a sentence for an agent event.
+fn describe_event(agent: &str, kind: &EventKind) -> (&'static str, String) {
+    match kind {
+        EventKind::Downloading { received, total } => (
+            "downloading",
+            format!("{agent} downloading: {received}/{total} chunks"),
+        ),
+        EventKind::Verifying => ("verifying", format!("{agent} verifying the bundle")),
+        EventKind::Staged => ("staged", format!("{agent} staged the bundle")),
+        EventKind::SelfTestPassed => ("self_test_passed", format!("{agent} passed the self-test")),
+        EventKind::SelfTestFailed { reason } => (
+            "self_test_failed",
+            format!("{agent} failed the self-test: {reason}"),
+        ),
+        EventKind::Active { name, version } => {
+            ("active", format!("{agent} now serves {name}@{version}"))
+        }
+        EventKind::InstallFailed { stage, reason } => (
+            "install_failed",
+            format!("{agent} install failed at {stage}: {reason}"),
+        ),
+        EventKind::DesiredStateRejected { reason } => (
+            "desired_state_rejected",
+            format!("{agent} rejected its desired state: {reason}"),
+        ),
+        EventKind::Degraded { cause } => ("degraded", format!("{agent} degraded: {cause}")),
+        EventKind::Started { active } => (
+            "started",
+            match active {
+                Some(a) => format!("{agent} started serving {}@{}", a.name, a.version),
+                None => format!("{agent} started with no model"),
+            },
+        ),
+    }
+}
+
+/// A sentence for a rollout event.
+pub fn describe_rollout_event(id: &str, event: &RolloutEvent) -> String {
+    match event {
+        RolloutEvent::Started { targets, waves, .. } => {
+            format!("rollout {id} started: {targets} agents in {waves} waves")
+        }
+        RolloutEvent::WaveStarted {
+            wave,
+            assigned,
+            unreachable,
+            ..
+        } => format!(
+            "rollout {id} wave {wave} started: {assigned} agents sent the new version, {unreachable} unreachable"
+        ),
+        RolloutEvent::AgentReturned { agent, wave, .. } => {
+            format!("rollout {id}: {agent} returned and joins wave {wave}")
+        }
+        RolloutEvent::AgentFailed {
+            agent,
+            wave,
+            stage,
+            reason,
+            ..
+        } => format!("rollout {id} wave {wave}: {agent} failed at {stage}: {reason}"),
+        RolloutEvent::BakeStarted { wave, until_ms, .. } => {
+            format!("rollout {id} wave {wave} baking until {until_ms}")
+        }
+        RolloutEvent::GatesEvaluated { wave, passed, gates, .. } => format!(
+            "rollout {id} wave {wave} gates {}: {}",
+            if *passed { "passed" } else { "failed" },
+            gates
+                .iter()
+                .map(|g| format!(
+                    "{:?} {} (limit {}){}",
+                    g.gate,
+                    g.value.map_or("-".into(), |v| format!("{v:.3}")),
+                    g.threshold,
+                    if g.passed { "" } else { " FAILED" }
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        RolloutEvent::WavePassed { wave, .. } => format!("rollout {id} wave {wave} passed"),
+        RolloutEvent::GateFailed(f) => format!(
+            "rollout {id} wave {} failed gate {:?}: {} against limit {} (over {})",
+            f.wave,
+            f.gate,
+            f.value.map_or("-".into(), |v| format!("{v:.3}")),
+            f.threshold,
+            f.basis
+        ),
+        RolloutEvent::Paused { wave, reason, .. } => {
+            format!("rollout {id} paused in wave {wave}: {reason}")
+        }
+        RolloutEvent::Resumed {
+            wave, overridden, ..
+        } => format!(
+            "rollout {id} resumed in wave {wave}{}",
+            if *overridden { " past a failed gate" } else { "" }
+        ),
+        RolloutEvent::Completed { stragglers, .. } => {
+            format!("rollout {id} completed ({stragglers} offline agents will update on return)")
+        }
+        RolloutEvent::Aborted { reason, .. } => format!("rollout {id} aborted: {reason}"),
+        RolloutEvent::RollbackStarted { agents, .. } => {
+            format!("rollout {id} rolling back {agents} agents")
+        }
+        RolloutEvent::RolledBack {
+            confirmed,
+            stragglers,
+            ..
+        } => format!(
+            "rollout {id} rolled back: {confirmed} confirmed, {} did not confirm",
+            stragglers.len()
+        ),
+    }
+}

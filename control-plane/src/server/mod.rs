@@ -1,0 +1,239 @@
+//! `flotilla server`: the fleet hub.
+//!
+//! One process holds the fleet registry, every bundle, the rollouts and the event log (in
+//! sled under the data directory), embeds an MQTT broker unless told to use an external one,
+//! and serves the REST API. Its parts:
+//!
+//! - [`config`]: the TOML config and its defaults.
+//! - [`store`]: the sled trees.
+//! - [`registry`]: per-agent records and the presence and sequence rules.
+//! - [`hub`]: the state behind one lock and every rule that changes it, including driving
+//!   the rollout engine and signing desired states.
+//! - [`mqtt`]: the MQTT client tasks (input, publishing, chunk distribution).
+//! - [`broker`]: the embedded rumqttd.
+//! - [`api`]: axum routes, auth and the OpenAPI document; [`metrics`]: Prometheus.
+
+pub mod api;
+pub mod broker;
+pub mod config;
+pub mod hub;
+pub mod metrics;
+pub mod mqtt;
+pub mod registry;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use flotilla_shared::{PublicKey, SecretKey};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::keyfile;
+use config::{hash_token, Role, ServerConfig, TokenConfig};
+use hub::{Hub, HubSettings};
+
+/// How often rollout timers and agent timeouts are checked.
+const TICK: Duration = Duration::from_millis(250);
+
+/// File names under the data directory.
+pub const KEY_NAME: &str = "control-plane";
+/// The admin token generated when the config names none.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// Unix time in milliseconds.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A started server; [`RunningServer::stop`] ends it (the embedded broker's threads stay:
+/// rumqttd cannot be stopped, which matters only to tests that start several servers).
+pub struct RunningServer {
+    /// Where the REST API listens.
+    pub api_addr: SocketAddr,
+    /// Where the embedded broker listens, when there is one.
+    pub mqtt_addr: Option<SocketAddr>,
+    /// The key agents must trust for desired states.
+    pub public_key: PublicKey,
+    /// The generated admin token, when the config named no token.
+    pub admin_token: Option<String>,
+    hub: Arc<Mutex<Hub>>,
+    store: store::Store,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for RunningServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningServer")
+            .field("api_addr", &self.api_addr)
+            .field("mqtt_addr", &self.mqtt_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunningServer {
+    /// The hub, for tests and embedding.
+    pub fn hub(&self) -> Arc<Mutex<Hub>> {
+        self.hub.clone()
+    }
+
+    /// Stops the API, the clock and the MQTT client, and flushes the database.
+    pub async fn stop(self) -> Result<()> {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        self.store.flush().await
+    }
+}
+
+/// Starts a server from `config`; returns once the API listens and the MQTT client runs.
+pub async fn start(config: ServerConfig) -> Result<RunningServer> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let key = server_key(&config.data_dir)?;
+    let public_key = key.public();
+    let (tokens, admin_token) = api_tokens(&config)?;
+    let publishers = config.publisher_keys()?;
+    if publishers.is_empty() {
+        tracing::warn!("no trusted publisher keys configured: every bundle upload will be refused");
+    }
+
+    let store = store::Store::open(&config.data_dir)?;
+    let mqtt_addr = if config.mqtt.external.is_none() {
+        broker::start(&config.mqtt)?;
+        tracing::info!(address = %config.mqtt.listen, "embedded MQTT broker listening");
+        Some(config.mqtt.listen)
+    } else {
+        None
+    };
+
+    let (out_tx, out_rx) = mpsc::unbounded_channel();
+    let hub = Hub::load(
+        store.clone(),
+        HubSettings {
+            key,
+            publishers,
+            threshold: config.trust.threshold,
+            agent_timeout_ms: config.agent_timeout().as_millis() as u64,
+        },
+        out_tx,
+        unix_ms(),
+    )?;
+    let hub = Arc::new(Mutex::new(hub));
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let stats = Arc::new(mqtt::MqttStats::default());
+    let mut tasks = mqtt::spawn(
+        mqtt::client_options(&config.mqtt)?,
+        hub.clone(),
+        store.clone(),
+        out_rx,
+        stats.clone(),
+        shutdown_rx.clone(),
+    );
+    tasks.push(tokio::spawn(run_clock(hub.clone(), shutdown_rx.clone())));
+
+    let state = api::AppState {
+        hub: hub.clone(),
+        store: store.clone(),
+        tokens: Arc::new(tokens),
+        metrics: Arc::new(metrics::ServerMetrics::new()),
+        mqtt: stats,
+        max_upload_bytes: usize::try_from(config.max_upload_bytes).unwrap_or(usize::MAX),
+        public_key_pem: public_key.to_pem()?,
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen for the API on {}", config.listen))?;
+    let api_addr = listener.local_addr()?;
+    let mut api_shutdown = shutdown_rx;
+    tasks.push(tokio::spawn(async move {
+        let served = axum::serve(listener, api::router(state))
+            .with_graceful_shutdown(async move {
+                let _ = api_shutdown.changed().await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "API server failed");
+        }
+    }));
+    tracing::info!(address = %api_addr, "control plane API listening");
+
+    Ok(RunningServer {
+        api_addr,
+        mqtt_addr,
+        public_key,
+        admin_token,
+        hub,
+        store,
+        shutdown,
+        tasks,
+    })
+}
+
+async fn run_clock(hub: Arc<Mutex<Hub>>, mut shutdown: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(TICK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.changed() => break,
+        }
+        let result = hub
+            .lock()
+            .expect("invariant: hub lock never poisoned")
+            .tick(unix_ms());
+        if let Err(e) = result {
+            tracing::error!(error = %format!("{e:#}"), "rollout clock step failed");
+        }
+    }
+}
+
+/// The server's signing key: `DATA_DIR/control-plane.key`, made (0600, with the `.pub`
+/// beside it) on first start.
+fn server_key(data_dir: &Path) -> Result<SecretKey> {
+    let path = data_dir.join(format!("{KEY_NAME}.key"));
+    if !path.exists() {
+        let pair = keyfile::generate(KEY_NAME, data_dir)?;
+        tracing::info!(
+            public = %pair.public.display(),
+            key_id = pair.id,
+            "generated the control plane key; configure agents with the public key"
+        );
+    }
+    keyfile::load_secret(&path)
+}
+
+/// The configured tokens, or, when there are none, an admin token kept in
+/// `DATA_DIR/admin.token` (0600), made on first start.
+fn api_tokens(config: &ServerConfig) -> Result<(api::Tokens, Option<String>)> {
+    if !config.tokens.is_empty() {
+        return Ok((api::Tokens::new(&config.tokens), None));
+    }
+    let path = config.data_dir.join(ADMIN_TOKEN_FILE);
+    if !path.exists() {
+        let token = hex::encode(keyfile::random_seed()?);
+        keyfile::write_new(&path, format!("{token}\n").as_bytes(), 0o600)?;
+    }
+    let token = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .trim()
+        .to_owned();
+    tracing::info!(
+        file = %path.display(),
+        "no API tokens configured; using the admin token in this file"
+    );
+    let tokens = api::Tokens::new(&[TokenConfig {
+        name: "admin".into(),
+        role: Role::Admin,
+        sha256: hash_token(&token),
+    }]);
+    Ok((tokens, Some(token)))
+}

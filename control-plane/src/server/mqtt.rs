@@ -1,0 +1,255 @@
+//! The server's MQTT client: agent reports in, desired states and chunks out.
+//!
+//! The event loop runs in its own task and never waits on anything but the broker: agent
+//! messages are handled under the hub's lock (short, no IO but sled), chunk requests go to
+//! the distribution task over an unbounded channel, and everything the server publishes
+//! goes through [`AsyncClient`] from other tasks. That keeps clear of rumqttc's classic
+//! deadlock, an event loop blocked on a channel that only its own polling would drain.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use flotilla_agent::link::{Backoff, BackoffConfig};
+use flotilla_shared::wire::{topics, ChunkRequest, Envelope, TOPIC_ROOT};
+use flotilla_shared::Sha256Digest;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::{mpsc, watch};
+
+use super::config::{MqttConfig, MAX_PACKET_BYTES};
+use super::hub::{Hub, Outgoing, SERVER_ID};
+use super::store::Store;
+use super::unix_ms;
+use crate::distribution::{ChunkServer, DEFAULT_SHARE_WINDOW};
+
+/// Requests the client may queue before publishing waits.
+const CLIENT_QUEUE: usize = 1024;
+
+/// Counters the metrics endpoint reads.
+#[derive(Debug, Default)]
+pub struct MqttStats {
+    /// Whether the client is connected now.
+    pub connected: AtomicBool,
+    /// Connections made since start.
+    pub connections: AtomicU64,
+    /// Chunk payload bytes published.
+    pub chunk_bytes: AtomicU64,
+    /// Chunk requests answered.
+    pub chunk_requests: AtomicU64,
+    /// Chunk requests dropped as malformed.
+    pub malformed_requests: AtomicU64,
+}
+
+/// Client options: the external broker's, or loopback to the embedded one.
+pub fn client_options(mqtt: &MqttConfig) -> Result<MqttOptions> {
+    let mut options = match &mqtt.external {
+        Some(broker) => {
+            flotilla_agent::link::mqtt_options(&mqtt.client_id, broker, MAX_PACKET_BYTES)?
+        }
+        None => {
+            let mut options = MqttOptions::new(
+                mqtt.client_id.clone(),
+                mqtt.listen.ip().to_string(),
+                mqtt.listen.port(),
+            );
+            options.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+            options
+        }
+    };
+    options.set_keep_alive(Duration::from_secs(10));
+    options.set_clean_session(true);
+    options.set_inflight(200);
+    Ok(options)
+}
+
+/// Starts the client tasks; they run until `shutdown` turns true.
+pub fn spawn(
+    options: MqttOptions,
+    hub: Arc<Mutex<Hub>>,
+    store: Store,
+    outgoing: mpsc::UnboundedReceiver<Outgoing>,
+    stats: Arc<MqttStats>,
+    shutdown: watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let (client, eventloop) = AsyncClient::new(options, CLIENT_QUEUE);
+    let (requests_tx, requests_rx) = mpsc::unbounded_channel();
+    vec![
+        tokio::spawn(run_eventloop(
+            eventloop,
+            client.clone(),
+            hub,
+            requests_tx,
+            stats.clone(),
+            shutdown.clone(),
+        )),
+        tokio::spawn(run_publisher(client.clone(), outgoing, shutdown.clone())),
+        tokio::spawn(run_distribution(
+            client,
+            store,
+            requests_rx,
+            stats,
+            shutdown,
+        )),
+    ]
+}
+
+async fn run_eventloop(
+    mut eventloop: rumqttc::EventLoop,
+    client: AsyncClient,
+    hub: Arc<Mutex<Hub>>,
+    requests: mpsc::UnboundedSender<(Sha256Digest, Vec<u8>)>,
+    stats: Arc<MqttStats>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Backoff::new(BackoffConfig {
+        initial: Duration::from_millis(100),
+        max: Duration::from_secs(5),
+        stable_after: Duration::from_secs(10),
+    });
+    let mut connected_at: Option<Instant> = None;
+    loop {
+        let event = tokio::select! {
+            event = eventloop.poll() => event,
+            _ = shutdown.changed() => break,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                connected_at = Some(Instant::now());
+                stats.connected.store(true, Ordering::SeqCst);
+                stats.connections.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("connected to the MQTT broker");
+                // try_subscribe: awaiting here would wait on the queue this loop drains.
+                for filter in [
+                    topics::all_agents("state"),
+                    topics::all_agents("telemetry"),
+                    format!("{TOPIC_ROOT}/bundles/+/requests"),
+                ] {
+                    if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
+                        tracing::error!(error = %e, "cannot queue a subscription");
+                    }
+                }
+                hub.lock()
+                    .expect("invariant: hub lock never poisoned")
+                    .republish_desired();
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                let topic = publish.topic.as_str();
+                if let Some(digest) = request_topic_digest(topic) {
+                    let _ = requests.send((digest, publish.payload.to_vec()));
+                } else {
+                    hub.lock()
+                        .expect("invariant: hub lock never poisoned")
+                        .on_agent_message(topic, &publish.payload, unix_ms());
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                stats.connected.store(false, Ordering::SeqCst);
+                if let Some(at) = connected_at.take() {
+                    backoff.connection_ended(at.elapsed());
+                    tracing::warn!(error = %e, "lost the MQTT broker; reconnecting");
+                } else {
+                    tracing::debug!(error = %e, "MQTT connection attempt failed");
+                }
+                let delay = backoff.next_delay(&mut rand::thread_rng());
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.changed() => break,
+                }
+            }
+        }
+    }
+    let _ = client.try_disconnect();
+}
+
+fn request_topic_digest(topic: &str) -> Option<Sha256Digest> {
+    topic
+        .strip_prefix(TOPIC_ROOT)?
+        .strip_prefix("/bundles/")?
+        .strip_suffix("/requests")?
+        .parse()
+        .ok()
+}
+
+async fn run_publisher(
+    client: AsyncClient,
+    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let message = tokio::select! {
+            message = outgoing.recv() => message,
+            _ = shutdown.changed() => break,
+        };
+        let Some(message) = message else { break };
+        if let Err(e) = client
+            .publish(
+                message.topic,
+                QoS::AtLeastOnce,
+                message.retain,
+                message.payload,
+            )
+            .await
+        {
+            tracing::error!(error = %e, "cannot queue a publish");
+        }
+    }
+}
+
+/// Answers chunk requests from the store's bundles, loading each into memory on first ask.
+async fn run_distribution(
+    client: AsyncClient,
+    store: Store,
+    mut requests: mpsc::UnboundedReceiver<(Sha256Digest, Vec<u8>)>,
+    stats: Arc<MqttStats>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut chunks = ChunkServer::new(DEFAULT_SHARE_WINDOW);
+    let mut seq = unix_ms();
+    loop {
+        let request = tokio::select! {
+            request = requests.recv() => request,
+            _ = shutdown.changed() => break,
+        };
+        let Some((digest, payload)) = request else {
+            break;
+        };
+        let request = match Envelope::<ChunkRequest>::decode(&payload) {
+            Ok(env) if env.from == env.body.agent => env.body,
+            Ok(_) | Err(_) => {
+                stats.malformed_requests.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        };
+        if !chunks.holds(&digest) {
+            match store.bundle_bytes(&digest) {
+                Ok(Some(bytes)) => {
+                    if let Err(e) = chunks.insert(bytes) {
+                        tracing::error!(%digest, error = %e, "a stored bundle does not parse");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(%digest, error = %format!("{e:#}"), "cannot read a bundle")
+                }
+            }
+        }
+        stats.chunk_requests.fetch_add(1, Ordering::Relaxed);
+        let before = chunks.bytes_published;
+        let answers = chunks.answer(&digest, &request, Instant::now());
+        stats
+            .chunk_bytes
+            .fetch_add(chunks.bytes_published - before, Ordering::Relaxed);
+        for chunk in answers {
+            seq += 1;
+            let body = Envelope::new(SERVER_ID, seq, unix_ms(), chunk).encode();
+            if let Err(e) = client
+                .publish(topics::bundle_chunks(&digest), QoS::AtMostOnce, false, body)
+                .await
+            {
+                tracing::error!(error = %e, "cannot queue a chunk");
+            }
+        }
+    }
+}

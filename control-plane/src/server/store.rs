@@ -1,0 +1,223 @@
+//! The server's durable state in sled: agents, bundles, desired states, rollouts, events.
+//!
+//! Every tree maps a key to one CBOR value, except `payloads` (raw bundle bytes, keyed by
+//! digest) and `events` (keyed by a big-endian sequence number, so iteration is in order).
+//! Writes go through [`Store`] and callers [`Store::flush`] before acknowledging an API
+//! request, so what the API confirmed survives a crash.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use flotilla_shared::wire::DesiredState;
+use flotilla_shared::Sha256Digest;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::registry::AgentRecord;
+use crate::rollout::Rollout;
+
+/// A bundle the server holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BundleRecord {
+    /// SHA-256 of the manifest.
+    #[schema(value_type = String)]
+    pub digest: Sha256Digest,
+    /// Model name.
+    pub name: String,
+    /// Model version.
+    pub version: String,
+    /// The manifest's sequence number.
+    pub sequence: u64,
+    /// Bundle size in bytes.
+    pub size: u64,
+    /// Chunks in the payload.
+    pub chunks: u32,
+    /// The task, as in the manifest.
+    pub task: String,
+    /// Backends the bundle allows.
+    pub backends: Vec<String>,
+    /// When the manifest expires, Unix seconds.
+    pub expires_at: u64,
+    /// Key ids of the trusted publishers whose signatures verified.
+    pub signed_by: Vec<String>,
+    /// When it was uploaded, Unix milliseconds.
+    pub uploaded_ms: u64,
+}
+
+/// One entry of the append-only event log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EventRecord {
+    /// Position in the log, from 1.
+    pub id: u64,
+    /// When the server recorded it, Unix milliseconds.
+    pub at_ms: u64,
+    /// The agent it concerns.
+    pub agent: Option<String>,
+    /// The rollout it concerns.
+    pub rollout: Option<String>,
+    /// What happened, as a short snake_case name.
+    pub kind: String,
+    /// The same in words.
+    pub message: String,
+    /// The full record as JSON.
+    #[schema(value_type = Object)]
+    pub detail: serde_json::Value,
+}
+
+/// Handle on the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    agents: sled::Tree,
+    bundles: sled::Tree,
+    payloads: sled::Tree,
+    desired: sled::Tree,
+    rollouts: sled::Tree,
+    events: sled::Tree,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the database under `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let db = sled::open(dir.join("db"))
+            .with_context(|| format!("cannot open the database in {}", dir.display()))?;
+        let tree = |name: &str| {
+            db.open_tree(name)
+                .with_context(|| format!("cannot open tree {name}"))
+        };
+        Ok(Self {
+            agents: tree("agents")?,
+            bundles: tree("bundles")?,
+            payloads: tree("payloads")?,
+            desired: tree("desired")?,
+            rollouts: tree("rollouts")?,
+            events: tree("events")?,
+            db,
+        })
+    }
+
+    /// Makes every write so far durable.
+    pub async fn flush(&self) -> Result<()> {
+        self.db
+            .flush_async()
+            .await
+            .context("cannot flush the database")?;
+        Ok(())
+    }
+
+    /// Every agent record.
+    pub fn agents(&self) -> Result<Vec<AgentRecord>> {
+        values(&self.agents)
+    }
+
+    /// Writes an agent record.
+    pub fn put_agent(&self, record: &AgentRecord) -> Result<()> {
+        put(&self.agents, record.id.as_bytes(), record)
+    }
+
+    /// Forgets an agent.
+    pub fn remove_agent(&self, agent: &str) -> Result<()> {
+        self.agents.remove(agent.as_bytes())?;
+        self.desired.remove(agent.as_bytes())?;
+        Ok(())
+    }
+
+    /// Every bundle record.
+    pub fn bundles(&self) -> Result<Vec<BundleRecord>> {
+        values(&self.bundles)
+    }
+
+    /// Stores a bundle and its record in one transaction-free pair of writes: the payload
+    /// first, so a record never names missing bytes.
+    pub fn put_bundle(&self, record: &BundleRecord, bytes: &[u8]) -> Result<()> {
+        let key = record.digest.to_hex();
+        self.payloads.insert(key.as_bytes(), bytes)?;
+        put(&self.bundles, key.as_bytes(), record)
+    }
+
+    /// A bundle's bytes.
+    pub fn bundle_bytes(&self, digest: &Sha256Digest) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .payloads
+            .get(digest.to_hex().as_bytes())?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Every agent's latest desired state.
+    pub fn desired_states(&self) -> Result<Vec<DesiredState>> {
+        values(&self.desired)
+    }
+
+    /// Records the desired state issued to an agent.
+    pub fn put_desired(&self, state: &DesiredState) -> Result<()> {
+        put(&self.desired, state.agent.as_bytes(), state)
+    }
+
+    /// Every rollout.
+    pub fn rollouts(&self) -> Result<Vec<Rollout>> {
+        values(&self.rollouts)
+    }
+
+    /// Writes a rollout's whole state.
+    pub fn put_rollout(&self, rollout: &Rollout) -> Result<()> {
+        put(&self.rollouts, rollout.id().as_bytes(), rollout)
+    }
+
+    /// Appends to the event log, assigning the id.
+    pub fn append_event(&self, mut record: EventRecord) -> Result<EventRecord> {
+        let id = self.db.generate_id()? + 1;
+        record.id = id;
+        let bytes = serde_json::to_vec(&record)?;
+        self.events.insert(id.to_be_bytes(), bytes)?;
+        Ok(record)
+    }
+
+    /// Events with ids above `after`, oldest first, that `keep` accepts, at most `limit`.
+    pub fn events(
+        &self,
+        after: u64,
+        limit: usize,
+        keep: impl Fn(&EventRecord) -> bool,
+    ) -> Result<Vec<EventRecord>> {
+        let mut out = Vec::new();
+        for item in self.events.range((after + 1).to_be_bytes()..) {
+            let (_, value) = item?;
+            let record: EventRecord =
+                serde_json::from_slice(&value).context("corrupt event record")?;
+            if keep(&record) {
+                out.push(record);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn put<T: Serialize>(tree: &sled::Tree, key: &[u8], value: &T) -> Result<()> {
+    let bytes = serde_cbor::to_vec(value).context("cannot encode a record")?;
+    tree.insert(key, bytes)?;
+    Ok(())
+}
+
+fn values<T: DeserializeOwned>(tree: &sled::Tree) -> Result<Vec<T>> {
+    tree.iter()
+        .map(|item| {
+            let (key, value) = item?;
+            serde_cbor::from_slice(&value).with_context(|| {
+                format!(
+                    "corrupt record {:?} in tree {:?}",
+                    String::from_utf8_lossy(&key),
+                    String::from_utf8_lossy(&tree.name())
+                )
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,312 @@
+//! A real control plane and real agents in one test process: the server from
+//! `flotilla_control_plane::server::start` with its embedded broker (or an external one), agents
+//! from `flotilla_agent::agent::run`, and an HTTP client speaking the server's API.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use flotilla_agent::config::{AgentConfig, BrokerConfig};
+use flotilla_control_plane::server::config::{hash_token, Role, ServerConfig, TokenConfig};
+use flotilla_control_plane::server::{self, RunningServer};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::{free_port, write_public_key, TestKeys};
+
+/// Tokens the test server accepts, one per role.
+pub const VIEWER_TOKEN: &str = "viewer-secret";
+/// Operator token.
+pub const OPERATOR_TOKEN: &str = "operator-secret";
+/// Admin token.
+pub const ADMIN_TOKEN: &str = "admin-secret";
+
+/// How long a wait for a condition may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// A server, its agents and a scratch directory.
+pub struct Fleet {
+    /// Scratch space: the server's data directory, agents' data directories, keys.
+    pub dir: tempfile::TempDir,
+    /// Publisher and (unused here) control-plane test keys.
+    pub keys: TestKeys,
+    /// The running server, until stopped.
+    pub server: Option<RunningServer>,
+    /// Where agents connect.
+    pub broker_url: String,
+    agents: BTreeMap<String, RunningAgent>,
+    http: reqwest::Client,
+}
+
+/// An agent running in this process.
+pub struct RunningAgent {
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// Its local API.
+    pub api: SocketAddr,
+}
+
+impl Fleet {
+    /// Starts a server with the embedded broker on a free port.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a server after `edit` adjusted its config.
+    pub async fn start_with(edit: impl FnOnce(&mut ServerConfig)) -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let keys = TestKeys::default();
+        write_public_key(dir.path(), "publisher", &keys.publisher);
+        let mut config = test_config(dir.path().join("server"), dir.path().join("publisher.pub"));
+        edit(&mut config);
+        let broker_url = match &config.mqtt.external {
+            Some(broker) => broker.url.clone(),
+            None => format!("mqtt://{}", config.mqtt.listen),
+        };
+        let server = server::start(config).await.expect("server starts");
+        Self {
+            dir,
+            keys,
+            server: Some(server),
+            broker_url,
+            agents: BTreeMap::new(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// The running server.
+    pub fn server(&self) -> &RunningServer {
+        self.server.as_ref().expect("server running")
+    }
+
+    /// The server's data directory.
+    pub fn server_dir(&self) -> PathBuf {
+        self.dir.path().join("server")
+    }
+
+    /// Stops the server (its embedded broker keeps running, as rumqttd cannot stop).
+    pub async fn stop_server(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop().await.expect("server stops cleanly");
+        }
+    }
+
+    /// Starts a new server on the same data directory, as a client of `broker_url`.
+    pub async fn restart_server_on_broker(&mut self) {
+        assert!(self.server.is_none(), "stop the server first");
+        let mut config = test_config(self.server_dir(), self.dir.path().join("publisher.pub"));
+        config.mqtt.external = Some(BrokerConfig {
+            url: self.broker_url.clone(),
+            ..BrokerConfig::default()
+        });
+        config.mqtt.client_id = "flotilla-control-plane-2".into();
+        self.server = Some(server::start(config).await.expect("server restarts"));
+    }
+
+    /// Starts an agent with `labels`, trusting the test publisher and this server.
+    pub fn start_agent(&mut self, id: &str, labels: &[(&str, &str)]) -> SocketAddr {
+        let api = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut config = AgentConfig {
+            id: id.to_owned(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            data_dir: self.dir.path().join("agents").join(id),
+            ..AgentConfig::default()
+        };
+        config.broker.url = self.broker_url.clone();
+        config.trust.publishers = vec![self.dir.path().join("publisher.pub")];
+        config.trust.control_plane = Some(self.server_dir().join("control-plane.pub"));
+        config.api.listen = api;
+        config.heartbeat_secs = 1;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let result = flotilla_agent::agent::run(config, async {
+                let _ = stopped.await;
+            })
+            .await;
+            if let Err(e) = &result {
+                tracing::error!(error = format!("{e:#}"), "agent stopped with an error");
+            }
+            result
+        });
+        self.agents.insert(
+            id.to_owned(),
+            RunningAgent {
+                stop: Some(stop),
+                task,
+                api,
+            },
+        );
+        api
+    }
+
+    /// Stops an agent cleanly (it says goodbye on MQTT).
+    pub async fn stop_agent(&mut self, id: &str) {
+        let mut agent = self.agents.remove(id).expect("agent running");
+        let _ = agent.stop.take().expect("stop sender").send(());
+        agent
+            .task
+            .await
+            .expect("agent task joins")
+            .expect("agent stops cleanly");
+    }
+
+    /// The local API address of a running agent.
+    pub fn agent_api(&self, id: &str) -> SocketAddr {
+        self.agents[id].api
+    }
+
+    /// Stops every agent and the server.
+    pub async fn shutdown(mut self) {
+        let ids: Vec<String> = self.agents.keys().cloned().collect();
+        for id in ids {
+            self.stop_agent(&id).await;
+        }
+        self.stop_server().await;
+    }
+
+    /// `GET /api/v1{path}` with `token`; status and JSON body.
+    pub async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut request = self.http.get(self.url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        answer(request).await
+    }
+
+    /// `POST /api/v1{path}` with a raw body and `token`.
+    pub async fn post(&self, path: &str, body: Vec<u8>, token: Option<&str>) -> (u16, Value) {
+        let mut request = self.http.post(self.url(path)).body(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        answer(request).await
+    }
+
+    /// Uploads a bundle as the operator; panics unless the server took it.
+    pub async fn upload(&self, bundle: Vec<u8>) -> Value {
+        let (status, body) = self.post("/bundles", bundle, Some(OPERATOR_TOKEN)).await;
+        assert!(status == 201 || status == 200, "upload: {status} {body}");
+        body
+    }
+
+    /// Starts a rollout as the operator; panics unless it was created.
+    pub async fn rollout(&self, spec: Value) -> String {
+        let (status, body) = self
+            .post(
+                "/rollouts",
+                serde_json::to_vec(&spec).expect("json"),
+                Some(OPERATOR_TOKEN),
+            )
+            .await;
+        assert_eq!(status, 201, "create rollout: {body}");
+        body["id"].as_str().expect("rollout id").to_owned()
+    }
+
+    /// Polls the rollout until `done` holds for its view; panics with the last view on
+    /// timeout.
+    pub async fn wait_rollout(&self, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+        self.wait_api(&format!("/rollouts/{id}"), done).await
+    }
+
+    /// Polls `GET /api/v1{path}` until `done` holds.
+    pub async fn wait_api(&self, path: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let (status, body) = self.get(path, Some(VIEWER_TOKEN)).await;
+            if status == 200 && done(&body) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting on {path}; last answer {status}: {body:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until every listed agent is online at the server.
+    pub async fn wait_online(&self, ids: &[&str]) {
+        for id in ids {
+            self.wait_api(&format!("/agents/{id}"), |a| a["online"] == true)
+                .await;
+        }
+    }
+
+    /// Waits until the agent's registry record says it serves `version`.
+    pub async fn wait_version(&self, id: &str, version: &str) -> Value {
+        let want = version.to_owned();
+        self.wait_api(&format!("/agents/{id}"), move |a| {
+            a["active"]["version"].as_str() == Some(want.as_str())
+        })
+        .await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}/api/v1{path}", self.server().api_addr)
+    }
+}
+
+async fn answer(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let response = request.send().await.expect("server answers");
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// A server config for tests: free ports, the given data directory, the test publisher,
+/// one token per role.
+pub fn test_config(data_dir: PathBuf, publisher: PathBuf) -> ServerConfig {
+    let mut config = ServerConfig {
+        data_dir,
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..ServerConfig::default()
+    };
+    config.mqtt.listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    config.trust.publishers = vec![publisher];
+    config.tokens = [
+        ("viewer", Role::Viewer, VIEWER_TOKEN),
+        ("operator", Role::Operator, OPERATOR_TOKEN),
+        ("admin", Role::Admin, ADMIN_TOKEN),
+    ]
+    .into_iter()
+    .map(|(name, role, token)| TokenConfig {
+        name: name.into(),
+        role,
+        sha256: hash_token(token),
+    })
+    .collect();
+    config
+}
+
+/// Sends `/v1/embed` requests to `apis` until `stop` fires: traffic for the gates to measure.
+pub fn traffic(apis: Vec<SocketAddr>) -> oneshot::Sender<()> {
+    let (stop, mut stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        loop {
+            for api in &apis {
+                let _ = client
+                    .post(format!("http://{api}/v1/embed"))
+                    .json(&serde_json::json!({ "inputs": ["hello fleet", "你好"] }))
+                    .send()
+                    .await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = &mut stopped => break,
+            }
+        }
+    });
+    stop
+}

@@ -1,0 +1,542 @@
+//! The real control plane (embedded rumqttd, sled, REST API) with real agents in-process:
+//! staged rollouts that complete and that roll back, restart resumption on an external
+//! broker, auth, bad input, and malformed MQTT traffic.
+
+use std::time::Duration;
+
+use flotilla_shared::wire::{topics, Envelope, Presence};
+use flotilla_tests::fleet::{traffic, Fleet, ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN};
+use flotilla_tests::{pack_signed, pack_signed_with, set_release};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+use serde_json::{json, Value};
+
+const MODEL: &str = "tiny-bert-embed";
+
+fn release(version: &str, sequence: u64, fleet: &Fleet) -> Vec<u8> {
+    pack_signed_with(MODEL, &fleet.keys.publisher, |dir| {
+        set_release(dir, version, sequence)
+    })
+}
+
+/// Four agents over two sites and two hardware classes, all on v1.
+async fn fleet_on_v1() -> (Fleet, Vec<&'static str>) {
+    let mut fleet = Fleet::start().await;
+    let agents = vec!["edge-a1", "edge-a2", "edge-b1", "edge-b2"];
+    for (id, site, hw) in [
+        ("edge-a1", "a", "cpu"),
+        ("edge-a2", "a", "gpu"),
+        ("edge-b1", "b", "cpu"),
+        ("edge-b2", "b", "gpu"),
+    ] {
+        fleet.start_agent(id, &[("site", site), ("hw", hw)]);
+    }
+    fleet.wait_online(&agents).await;
+    fleet.upload(release("1.0.0", 1, &fleet)).await;
+    let id = fleet
+        .rollout(json!({
+            "bundle": format!("{MODEL}@1.0.0"),
+            "selector": "",
+            "waves": [{ "size": { "percent": 100 }, "bake_secs": 0 }],
+        }))
+        .await;
+    fleet.wait_rollout(&id, |r| r["state"] == "completed").await;
+    for agent in &agents {
+        fleet.wait_version(agent, "1.0.0").await;
+    }
+    (fleet, agents)
+}
+
+async fn served_version(fleet: &Fleet, agent: &str) -> String {
+    let api = fleet.agent_api(agent);
+    let body: Value = reqwest::get(format!("http://{api}/v2/models/{MODEL}"))
+        .await
+        .expect("agent API answers")
+        .json()
+        .await
+        .expect("model metadata is JSON");
+    body["versions"][0].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_wave_rollout_completes_and_every_agent_serves_the_new_version() {
+    let (fleet, agents) = fleet_on_v1().await;
+    fleet.upload(release("2.0.0", 2, &fleet)).await;
+    let load = traffic(agents.iter().map(|a| fleet.agent_api(a)).collect());
+
+    let id = fleet
+        .rollout(json!({
+            "bundle": format!("{MODEL}@2.0.0"),
+            "selector": "site in (a, b)",
+            "waves": [
+                { "size": { "count": 1 }, "bake_secs": 1 },
+                { "size": { "percent": 50 }, "bake_secs": 1 },
+                { "size": { "percent": 100 }, "bake_secs": 1 },
+            ],
+            "stratify_by": "hw",
+            "gates": { "max_error_rate": 0.01, "max_p99_ratio": 50.0 },
+        }))
+        .await;
+    let done = fleet
+        .wait_rollout(&id, |r| {
+            r["state"] == "completed" || r["state"] == "rolled_back"
+        })
+        .await;
+    let _ = load.send(());
+    assert_eq!(done["state"], "completed", "{done:#}");
+    let waves = done["waves"].as_array().unwrap();
+    assert_eq!(waves.len(), 3);
+    assert_eq!(
+        waves[0]["agents"].as_array().unwrap().len(),
+        1,
+        "canary of one"
+    );
+    for wave in waves {
+        assert_eq!(wave["outcome"]["outcome"], "passed", "{wave:#}");
+        let comparison = &wave["comparison"];
+        assert!(
+            comparison["new"]["requests"].as_u64().unwrap() > 0,
+            "the new version's metrics are shown per wave: {comparison:#}"
+        );
+    }
+
+    for agent in &agents {
+        fleet.wait_version(agent, "2.0.0").await;
+        assert_eq!(
+            served_version(&fleet, agent).await,
+            "2.0.0",
+            "{agent} serves v2"
+        );
+    }
+    // Every agent's telemetry arrived in sequence, and the event log has the story.
+    let (_, summary) = fleet.get("/fleet", Some(VIEWER_TOKEN)).await;
+    assert_eq!(summary["telemetry_missing"], 0, "{summary:#}");
+    assert_eq!(summary["by_version"][format!("{MODEL}@2.0.0")], 4);
+    let (_, events) = fleet
+        .get(
+            &format!("/events?rollout={id}&limit=1000"),
+            Some(VIEWER_TOKEN),
+        )
+        .await;
+    let kinds: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    for kind in [
+        "rollout_started",
+        "rollout_wave_passed",
+        "rollout_completed",
+        "active",
+    ] {
+        assert!(kinds.contains(&kind), "no {kind} event in {kinds:?}");
+    }
+    let metrics = metrics_text(&fleet).await;
+    assert!(
+        metrics.contains("flotilla_rollouts{state=\"completed\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("flotilla_chunk_bytes_total"), "{metrics}");
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_breach_rolls_back_exactly_the_updated_agents() {
+    let (fleet, agents) = fleet_on_v1().await;
+    fleet.upload(release("2.0.0", 2, &fleet)).await;
+    let load = traffic(agents.iter().map(|a| fleet.agent_api(a)).collect());
+
+    // No model answers in a microsecond: the canary's p99 breaches the gate for certain.
+    let id = fleet
+        .rollout(json!({
+            "bundle": format!("{MODEL}@2.0.0"),
+            "selector": "",
+            "waves": [
+                { "size": { "count": 1 }, "bake_secs": 2 },
+                { "size": { "percent": 100 }, "bake_secs": 1 },
+            ],
+            "gates": { "max_p99_ms": 0.001 },
+        }))
+        .await;
+    let done = fleet
+        .wait_rollout(&id, |r| {
+            r["state"] == "rolled_back" || r["state"] == "completed"
+        })
+        .await;
+    let _ = load.send(());
+    assert_eq!(done["state"], "rolled_back", "{done:#}");
+    let failure = &done["failure"];
+    assert_eq!(failure["gate"], "p99_ms", "{failure:#}");
+    assert!(failure["value"].as_f64().unwrap() > 0.001, "{failure:#}");
+
+    let canary: Vec<String> = done["waves"][0]["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(canary.len(), 1);
+    for agent in &agents {
+        let view = fleet.wait_version(agent, "1.0.0").await;
+        assert_eq!(served_version(&fleet, agent).await, "1.0.0");
+        let phase = done["agents"][agent]["phase"]["phase"].as_str().unwrap();
+        let desired = view["desired"]["bundle"]["version"].as_str();
+        if canary.contains(&agent.to_string()) {
+            assert_eq!(phase, "rolled_back", "{agent}");
+            assert_eq!(desired, Some("1.0.0"), "{agent} sent back to v1");
+        } else {
+            assert_eq!(phase, "waiting", "{agent} was never sent v2");
+            assert_eq!(
+                view["desired"]["generation"], 1,
+                "{agent} got no desired state beyond v1: {view:#}"
+            );
+        }
+    }
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_failing_its_self_test_stops_at_the_canary_with_the_reason() {
+    let (fleet, _agents) = fleet_on_v1().await;
+    let bad = pack_signed("tiny-bert-selftest-fail", &fleet.keys.publisher);
+    fleet.upload(bad).await;
+    let id = fleet
+        .rollout(json!({
+            "bundle": "tiny-bert-selftest-fail@1.0.0",
+            "selector": "",
+            "waves": [
+                { "size": { "count": 1 }, "bake_secs": 1 },
+                { "size": { "percent": 100 }, "bake_secs": 1 },
+            ],
+        }))
+        .await;
+    let done = fleet
+        .wait_rollout(&id, |r| {
+            r["state"] == "rolled_back" || r["state"] == "completed"
+        })
+        .await;
+    assert_eq!(done["state"], "rolled_back", "{done:#}");
+    assert_eq!(done["failure"]["gate"], "self_test_failures");
+    assert_eq!(done["failure"]["wave"], 0, "stopped at the canary");
+    assert_eq!(
+        done["waves"][1]["started_ms"],
+        Value::Null,
+        "wave 1 never started"
+    );
+    let (_, events) = fleet
+        .get("/events?kind=self_test_failed", Some(VIEWER_TOKEN))
+        .await;
+    assert!(
+        !events["events"].as_array().unwrap().is_empty(),
+        "the agent's reason is in the event log"
+    );
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_resumes_the_rollout_where_it_was() {
+    let (mut fleet, agents) = fleet_on_v1().await;
+    fleet.upload(release("2.0.0", 2, &fleet)).await;
+    let id = fleet
+        .rollout(json!({
+            "bundle": format!("{MODEL}@2.0.0"),
+            "selector": "",
+            "waves": [
+                { "size": { "count": 1 }, "bake_secs": 3 },
+                { "size": { "percent": 100 }, "bake_secs": 1 },
+            ],
+        }))
+        .await;
+    // Stop in the canary's bake, then come back on the same data directory, as an ordinary
+    // client of the broker the first server embedded.
+    fleet
+        .wait_rollout(&id, |r| r["status"]["stage"] == "baking")
+        .await;
+    fleet.stop_server().await;
+    fleet.restart_server_on_broker().await;
+    let (_, resumed) = fleet
+        .get(&format!("/rollouts/{id}"), Some(VIEWER_TOKEN))
+        .await;
+    assert_eq!(resumed["state"], "wave", "resumed mid-rollout: {resumed:#}");
+    assert_eq!(resumed["current_wave"], 0);
+    let done = fleet
+        .wait_rollout(&id, |r| {
+            r["state"] == "completed" || r["state"] == "rolled_back"
+        })
+        .await;
+    assert_eq!(done["state"], "completed", "{done:#}");
+    for agent in &agents {
+        fleet.wait_version(agent, "2.0.0").await;
+    }
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_refuses_missing_tokens_low_roles_and_bad_input_with_reasons() {
+    let fleet = Fleet::start_with(|c| c.max_upload_bytes = 1 << 20).await;
+
+    let (status, body) = fleet.get("/agents", None).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, _) = fleet.get("/agents", Some("not-a-token")).await;
+    assert_eq!(status, 401);
+    let (status, body) = fleet
+        .post("/rollouts", b"{}".to_vec(), Some(VIEWER_TOKEN))
+        .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("needs operator"),
+        "{body}"
+    );
+    let (status, _) = fleet
+        .post("/bundles", vec![1, 2, 3], Some(VIEWER_TOKEN))
+        .await;
+    assert_eq!(status, 403);
+
+    // Bundles: garbage, unsigned, signed by an untrusted key, too large.
+    let (status, body) = fleet
+        .post("/bundles", b"not a bundle".to_vec(), Some(OPERATOR_TOKEN))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let untrusted = pack_signed(MODEL, &flotilla_shared::SecretKey::from_seed([99; 32]));
+    let (status, body) = fleet
+        .post("/bundles", untrusted, Some(OPERATOR_TOKEN))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("refused"),
+        "{body}"
+    );
+    let (status, body) = fleet
+        .post("/bundles", vec![0; (1 << 20) + 1], Some(OPERATOR_TOKEN))
+        .await;
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("upload limit"),
+        "{body}"
+    );
+
+    // Rollout specs: each refusal names its reason.
+    let cases = [
+        (
+            json!({"bundle": "nope@1.0.0", "selector": "", "waves": [{"size": {"count": 1}, "bake_secs": 1}]}),
+            "unknown bundle",
+        ),
+        (
+            json!({"bundle": "nope@1.0.0", "selector": "", "waves": []}),
+            "wave",
+        ),
+        (
+            json!({"bundle": "nope@1.0.0", "selector": "", "waves": [{"size": {"percent": 120}, "bake_secs": 1}]}),
+            "percentage",
+        ),
+        (
+            json!({"bundle": "nope@1.0.0", "selector": "", "wavez": []}),
+            "unknown field",
+        ),
+        (
+            json!({"bundle": "nope@1.0.0", "selector": "site in (", "waves": [{"size": {"count": 1}, "bake_secs": 1}]}),
+            "selector",
+        ),
+    ];
+    for (spec, reason) in cases {
+        let (status, body) = fleet
+            .post(
+                "/rollouts",
+                spec.to_string().into_bytes(),
+                Some(OPERATOR_TOKEN),
+            )
+            .await;
+        assert_eq!(status, 400, "{spec}: {body}");
+        let message = body["error"].as_str().unwrap();
+        assert!(message.contains(reason), "{spec}: {message}");
+    }
+    let (status, body) = fleet
+        .get("/agents?selector=a%20in%20(", Some(VIEWER_TOKEN))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = fleet.get("/rollouts/none", Some(VIEWER_TOKEN)).await;
+    assert_eq!(status, 404);
+    let (status, _) = fleet
+        .post("/rollouts/none/pause", vec![], Some(OPERATOR_TOKEN))
+        .await;
+    assert_eq!(status, 404);
+    let (status, _) = fleet.get("/events?limit=0", Some(VIEWER_TOKEN)).await;
+    assert_eq!(status, 400);
+
+    // The OpenAPI document lists every route and needs no token.
+    let (status, doc) = fleet.get("/openapi.json", None).await;
+    assert_eq!(status, 200);
+    for path in [
+        "/api/v1/agents",
+        "/api/v1/agents/{id}",
+        "/api/v1/fleet",
+        "/api/v1/bundles",
+        "/api/v1/rollouts",
+        "/api/v1/rollouts/{id}/{action}",
+        "/api/v1/events",
+    ] {
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from OpenAPI"
+        );
+    }
+    let _ = ADMIN_TOKEN;
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selector_matching_nothing_and_overlapping_rollouts_are_refused() {
+    let (fleet, _agents) = fleet_on_v1().await;
+    fleet.upload(release("2.0.0", 2, &fleet)).await;
+    let spec = |selector: &str| {
+        json!({
+            "bundle": format!("{MODEL}@2.0.0"),
+            "selector": selector,
+            "waves": [{ "size": { "count": 1 }, "bake_secs": 600 }],
+        })
+        .to_string()
+        .into_bytes()
+    };
+    let (status, body) = fleet
+        .post("/rollouts", spec("site=nowhere"), Some(OPERATOR_TOKEN))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("matches no agent"),
+        "{body}"
+    );
+
+    let (status, first) = fleet
+        .post("/rollouts", spec("site=a"), Some(OPERATOR_TOKEN))
+        .await;
+    assert_eq!(status, 201, "{first}");
+    let (status, body) = fleet
+        .post("/rollouts", spec("hw=cpu"), Some(OPERATOR_TOKEN))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"].as_str().unwrap();
+    assert!(message.contains("is active on edge-a1"), "{message}");
+
+    // Operators steer it; a viewer cannot, an admin can forget only offline agents.
+    let id = first["id"].as_str().unwrap();
+    let (status, _) = fleet
+        .post(&format!("/rollouts/{id}/pause"), vec![], Some(VIEWER_TOKEN))
+        .await;
+    assert_eq!(status, 403);
+    let (status, paused) = fleet
+        .post(
+            &format!("/rollouts/{id}/pause"),
+            br#"{"reason": "looking at it"}"#.to_vec(),
+            Some(OPERATOR_TOKEN),
+        )
+        .await;
+    assert_eq!(status, 200, "{paused}");
+    assert_eq!(paused["state"], "paused");
+    let (status, body) = fleet
+        .post(
+            &format!("/rollouts/{id}/pause"),
+            vec![],
+            Some(OPERATOR_TOKEN),
+        )
+        .await;
+    assert_eq!(status, 409, "pausing twice conflicts: {body}");
+    let (status, aborted) = fleet
+        .post(
+            &format!("/rollouts/{id}/abort"),
+            vec![],
+            Some(OPERATOR_TOKEN),
+        )
+        .await;
+    assert_eq!(status, 200, "{aborted}");
+    assert_eq!(aborted["state"], "aborted");
+    let (status, _) = fleet
+        .post("/rollouts", spec("hw=cpu"), Some(OPERATOR_TOKEN))
+        .await;
+    assert_eq!(status, 201, "an aborted rollout holds no agents");
+
+    let forget = |token| {
+        let client = reqwest::Client::new();
+        let url = format!("http://{}/api/v1/agents/edge-b2", fleet.server().api_addr);
+        async move {
+            client
+                .delete(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(forget(OPERATOR_TOKEN).await, 403);
+    assert_eq!(
+        forget(ADMIN_TOKEN).await,
+        409,
+        "online agents are not forgotten"
+    );
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_foreign_mqtt_messages_are_counted_and_dropped() {
+    let fleet = Fleet::start().await;
+    let port: u16 = fleet
+        .broker_url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut options = MqttOptions::new("intruder", "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut events) = AsyncClient::new(options, 16);
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+
+    client
+        .publish(
+            topics::agent_state("edge-x"),
+            QoS::AtLeastOnce,
+            false,
+            b"garbage".to_vec(),
+        )
+        .await
+        .unwrap();
+    let foreign = Envelope::new("edge-y", 1, 0, Presence::Offline { session: 1 }).encode();
+    client
+        .publish(
+            topics::agent_state("edge-x"),
+            QoS::AtLeastOnce,
+            false,
+            foreign,
+        )
+        .await
+        .unwrap();
+    client
+        .publish(
+            "flotilla/v1/bundles/nothex/requests",
+            QoS::AtLeastOnce,
+            false,
+            b"x".to_vec(),
+        )
+        .await
+        .unwrap();
+    let summary = fleet
+        .wait_api("/fleet", |s| {
+            s["dropped_messages"]["malformed"].as_u64() >= Some(1)
+                && s["dropped_messages"]["foreign"].as_u64() >= Some(1)
+        })
+        .await;
+    assert_eq!(summary["agents"], 0, "no agent was made up: {summary:#}");
+    let (status, _) = fleet.get("/agents", Some(VIEWER_TOKEN)).await;
+    assert_eq!(status, 200, "the server still answers");
+    fleet.shutdown().await;
+}
+
+async fn metrics_text(fleet: &Fleet) -> String {
+    reqwest::get(format!("http://{}/metrics", fleet.server().api_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
