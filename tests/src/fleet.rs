@@ -55,8 +55,11 @@ impl Fleet {
 
     /// Starts a server after `edit` adjusted its config.
     pub async fn start_with(edit: impl FnOnce(&mut ServerConfig)) -> Self {
+        // rumqttd logs every dropped connection at error level; keep it quiet unless asked.
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,rumqttd=off"));
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_env_filter(filter)
             .with_test_writer()
             .try_init();
         let dir = tempfile::tempdir().expect("temporary directory");
@@ -309,4 +312,71 @@ pub fn traffic(apis: Vec<SocketAddr>) -> oneshot::Sender<()> {
         }
     });
     stop
+}
+
+/// A Mosquitto broker started for one test, on a free port; killed on drop.
+pub struct Mosquitto {
+    child: std::process::Child,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts `mosquitto` (from PATH or /usr/sbin) and waits until it accepts connections.
+    /// Panics with how to install it when it is missing: CI installs it, so a missing broker
+    /// must fail loudly rather than skip.
+    pub fn start() -> Self {
+        let binary = ["mosquitto", "/usr/sbin/mosquitto"]
+            .into_iter()
+            .find(|b| {
+                std::process::Command::new(b)
+                    .arg("-h")
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok()
+            })
+            .expect("mosquitto is not installed (apt-get install mosquitto); .ci/run installs it");
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let port = free_port();
+        let config = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &config,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .expect("write mosquitto.conf");
+        let child = std::process::Command::new(binary)
+            .arg("-c")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto starts");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// `mqtt://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
+use flotilla_agent::config::BrokerConfig;
 use flotilla_shared::wire::{topics, Envelope, Presence};
-use flotilla_tests::fleet::{traffic, Fleet, ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN};
+use flotilla_tests::fleet::{traffic, Fleet, Mosquitto, ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN};
 use flotilla_tests::{pack_signed, pack_signed_with, set_release};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::{json, Value};
@@ -20,7 +21,10 @@ fn release(version: &str, sequence: u64, fleet: &Fleet) -> Vec<u8> {
 
 /// Four agents over two sites and two hardware classes, all on v1.
 async fn fleet_on_v1() -> (Fleet, Vec<&'static str>) {
-    let mut fleet = Fleet::start().await;
+    on_v1(Fleet::start().await).await
+}
+
+async fn on_v1(mut fleet: Fleet) -> (Fleet, Vec<&'static str>) {
     let agents = vec!["edge-a1", "edge-a2", "edge-b1", "edge-b2"];
     for (id, site, hw) in [
         ("edge-a1", "a", "cpu"),
@@ -137,6 +141,42 @@ async fn three_wave_rollout_completes_and_every_agent_serves_the_new_version() {
         "{metrics}"
     );
     assert!(metrics.contains("flotilla_chunk_bytes_total"), "{metrics}");
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_completes_through_an_external_mosquitto_broker() {
+    let mosquitto = Mosquitto::start();
+    let fleet = Fleet::start_with(|c| {
+        c.mqtt.external = Some(BrokerConfig {
+            url: mosquitto.url(),
+            ..BrokerConfig::default()
+        })
+    })
+    .await;
+    assert!(fleet.server().mqtt_addr.is_none(), "no embedded broker");
+    let (fleet, agents) = on_v1(fleet).await;
+    fleet.upload(release("2.0.0", 2, &fleet)).await;
+    let id = fleet
+        .rollout(json!({
+            "bundle": format!("{MODEL}@2.0.0"),
+            "selector": "",
+            "waves": [
+                { "size": { "count": 1 }, "bake_secs": 1 },
+                { "size": { "percent": 100 }, "bake_secs": 1 },
+            ],
+        }))
+        .await;
+    let done = fleet
+        .wait_rollout(&id, |r| {
+            r["state"] == "completed" || r["state"] == "rolled_back"
+        })
+        .await;
+    assert_eq!(done["state"], "completed", "{done:#}");
+    for agent in &agents {
+        fleet.wait_version(agent, "2.0.0").await;
+        assert_eq!(served_version(&fleet, agent).await, "2.0.0");
+    }
     fleet.shutdown().await;
 }
 

@@ -1,14 +1,17 @@
 //! The `flotilla` command line: argument definitions and dispatch.
 
 mod bundle;
+mod remote;
 mod server;
 
+pub use remote::rollouts::StartArgs;
+pub use remote::{ApiFailure, RemoteArgs};
 pub use server::ServeArgs;
 
 use std::path::PathBuf;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 /// Flotilla: signed ONNX model bundles for edge fleets, and the control plane that rolls them out.
 #[derive(Debug, Parser)]
@@ -33,6 +36,23 @@ pub enum Command {
     /// Pack, sign, verify and inspect bundles.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Start, list, inspect and steer staged rollouts on a control plane.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+    /// List a control plane's agents: presence, version, health, heartbeat, labels.
+    Agents {
+        /// Only agents this label selector matches, e.g. `site=berlin,hw in (cpu,gpu)`.
+        #[arg(long, value_name = "EXPR")]
+        selector: Option<String>,
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Server and token.
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Read a control plane's event log, oldest first.
+    Events(EventsArgs),
     /// Run the control plane (embedded MQTT broker unless --broker), or make API tokens.
     Server {
         /// `token` to make an API token; nothing to run the server.
@@ -112,6 +132,108 @@ pub enum BundleCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Upload a signed bundle file to a control plane, which verifies it against its trusted
+    /// publisher keys.
+    Push {
+        /// Bundle file.
+        file: PathBuf,
+        /// Print the API's JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+        /// Server and token.
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// List the bundles a control plane holds, newest first.
+    List {
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Server and token.
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+}
+
+/// `flotilla rollout ...`.
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Start a rollout from a spec file (`--spec`) or from flags.
+    Start(Box<StartArgs>),
+    /// List rollouts, newest first.
+    List {
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Server and token.
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Show one rollout: waves with agents by phase, gate values, new versus previous
+    /// metrics, and the failure if any.
+    Status {
+        /// Rollout id.
+        id: String,
+        /// Print the API's JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Server and token.
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Stop before the next step until resumed or rolled back.
+    Pause(SteerArgs),
+    /// Carry on after a pause (past a failed gate, when that paused it).
+    Resume(SteerArgs),
+    /// Stop where it is: no further waves, nothing reverted.
+    Abort(SteerArgs),
+    /// Return every agent that received the new version to what it ran before.
+    Rollback(SteerArgs),
+}
+
+/// The rollout an operator action applies to, and why.
+#[derive(Debug, Args)]
+pub struct SteerArgs {
+    /// Rollout id.
+    pub id: String,
+    /// Why, for the event log [default: operator request].
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Print the API's JSON for the rollout afterwards.
+    #[arg(long)]
+    pub json: bool,
+    /// Server and token.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+/// `flotilla events` filters.
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Only events about this agent.
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// Only events of this rollout.
+    #[arg(long)]
+    pub rollout: Option<String>,
+    /// Only events of this kind, e.g. `bundle_uploaded`.
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Only events with a larger id.
+    #[arg(long, value_name = "N")]
+    pub after: Option<u64>,
+    /// At most this many events (1-1000) [default: 100].
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Keep polling every second for new events until interrupted.
+    #[arg(long, short)]
+    pub follow: bool,
+    /// Print the API's JSON (JSON lines with --follow).
+    #[arg(long)]
+    pub json: bool,
+    /// Server and token.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 /// Runs a parsed command line.
@@ -134,6 +256,28 @@ pub fn run(cli: Cli) -> Result<()> {
             check_host,
         }),
         Command::Bundle(BundleCommand::Inspect { file, json }) => bundle::inspect(&file, json),
+        Command::Bundle(BundleCommand::Push { file, json, remote }) => {
+            remote::bundles::push(&file, &remote, json)
+        }
+        Command::Bundle(BundleCommand::List { json, remote }) => {
+            remote::bundles::list(&remote, json)
+        }
+        Command::Rollout(command) => run_rollout(command),
+        Command::Agents {
+            selector,
+            json,
+            remote,
+        } => remote::fleet::agents(selector.as_deref(), &remote, json),
+        Command::Events(args) => {
+            let filter = remote::fleet::EventFilter {
+                agent: args.agent,
+                rollout: args.rollout,
+                kind: args.kind,
+                after: args.after,
+                limit: args.limit,
+            };
+            remote::fleet::events(&filter, args.follow, &args.remote, args.json)
+        }
         Command::Server {
             command: Some(ServerCommand::Token { name, role }),
             ..
@@ -143,4 +287,24 @@ pub fn run(cli: Cli) -> Result<()> {
             args,
         } => server::run(&args),
     }
+}
+
+fn run_rollout(command: RolloutCommand) -> Result<()> {
+    use remote::rollouts::{self, Steer};
+    let (steer, args) = match command {
+        RolloutCommand::Start(args) => return rollouts::start(&args),
+        RolloutCommand::List { json, remote } => return rollouts::list(&remote, json),
+        RolloutCommand::Status { id, json, remote } => return rollouts::status(&id, &remote, json),
+        RolloutCommand::Pause(args) => (Steer::Pause, args),
+        RolloutCommand::Resume(args) => (Steer::Resume, args),
+        RolloutCommand::Abort(args) => (Steer::Abort, args),
+        RolloutCommand::Rollback(args) => (Steer::Rollback, args),
+    };
+    rollouts::steer(
+        &args.id,
+        steer,
+        args.reason.as_deref(),
+        &args.remote,
+        args.json,
+    )
 }

@@ -101,6 +101,41 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
+/// Extractors that refuse a caller below a role before the handler (and its body) runs, so a
+/// viewer's upload is refused without reading it.
+macro_rules! role_extractor {
+    ($name:ident, $role:expr, $doc:literal) => {
+        #[doc = $doc]
+        #[derive(Debug, Clone)]
+        pub struct $name(pub Caller);
+
+        impl FromRequestParts<AppState> for $name {
+            type Rejection = ApiError;
+
+            async fn from_request_parts(
+                parts: &mut Parts,
+                state: &AppState,
+            ) -> Result<Self, ApiError> {
+                let caller = Caller::from_request_parts(parts, state).await?;
+                caller.require($role)?;
+                Ok(Self(caller))
+            }
+        }
+    };
+}
+
+role_extractor!(
+    Viewer,
+    Role::Viewer,
+    "A caller with at least the viewer role."
+);
+role_extractor!(
+    Operator,
+    Role::Operator,
+    "A caller with at least the operator role."
+);
+role_extractor!(Admin, Role::Admin, "A caller with the admin role.");
+
 /// Adds the bearer scheme to the OpenAPI document.
 pub struct BearerScheme;
 

@@ -25,11 +25,10 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use auth::BearerScheme;
-pub use auth::{Caller, Tokens};
+pub use auth::{Admin, Caller, Operator, Tokens, Viewer};
 pub use views::{phase_name, wave_index};
 use views::{AgentView, EventsPage, FleetSummary, RolloutView};
 
-use super::config::Role;
 use super::hub::{Hub, HubError, Steer};
 use super::metrics::{ServerMetrics, CONTENT_TYPE};
 use super::mqtt::MqttStats;
@@ -242,11 +241,10 @@ fn parse_selector(text: Option<&str>) -> ApiResult<Selector> {
     security(("bearer" = [])),
     responses((status = 200, body = Vec<AgentView>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 async fn list_agents(
-    caller: Caller,
+    Viewer(_): Viewer,
     State(state): State<AppState>,
     Query(query): Query<AgentQuery>,
 ) -> ApiResult<Json<Vec<AgentView>>> {
-    caller.require(Role::Viewer)?;
     let selector = parse_selector(query.selector.as_deref())?;
     let hub = state.hub();
     Ok(Json(
@@ -262,11 +260,10 @@ async fn list_agents(
     params(("id" = String, Path, description = "Agent id")), security(("bearer" = [])),
     responses((status = 200, body = AgentView), (status = 404, body = ErrorBody)))]
 async fn get_agent(
-    caller: Caller,
+    Viewer(_): Viewer,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<AgentView>> {
-    caller.require(Role::Viewer)?;
     let hub = state.hub();
     let record = hub.agent(&id)?;
     Ok(Json(AgentView::new(record, &hub)))
@@ -277,11 +274,10 @@ async fn get_agent(
     params(("id" = String, Path, description = "Agent id")), security(("bearer" = [])),
     responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn forget_agent(
-    caller: Caller,
+    Admin(_): Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    caller.require(Role::Admin)?;
     state.hub().forget_agent(&id, unix_ms())?;
     state.store.flush().await?;
     Ok(StatusCode::NO_CONTENT)
@@ -291,10 +287,9 @@ async fn forget_agent(
 #[utoipa::path(get, path = "/api/v1/fleet", tag = "agents", security(("bearer" = [])),
     responses((status = 200, body = FleetSummary)))]
 async fn fleet_summary(
-    caller: Caller,
+    Viewer(_): Viewer,
     State(state): State<AppState>,
 ) -> ApiResult<Json<FleetSummary>> {
-    caller.require(Role::Viewer)?;
     Ok(Json(FleetSummary::new(&state.hub())))
 }
 
@@ -304,10 +299,9 @@ async fn fleet_summary(
 #[utoipa::path(get, path = "/api/v1/bundles", tag = "bundles", security(("bearer" = [])),
     responses((status = 200, body = Vec<BundleRecord>)))]
 async fn list_bundles(
-    caller: Caller,
+    Viewer(_): Viewer,
     State(state): State<AppState>,
 ) -> ApiResult<Json<Vec<BundleRecord>>> {
-    caller.require(Role::Viewer)?;
     Ok(Json(state.hub().bundles()))
 }
 
@@ -318,11 +312,10 @@ async fn list_bundles(
     responses((status = 201, body = BundleRecord), (status = 200, body = BundleRecord),
         (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)))]
 async fn upload_bundle(
-    caller: Caller,
+    Operator(caller): Operator,
     State(state): State<AppState>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<BundleRecord>)> {
-    caller.require(Role::Operator)?;
     let bytes = body.map_err(|e| {
         ApiError::new(
             e.status(),
@@ -365,11 +358,10 @@ async fn upload_bundle(
     params(("reference" = String, Path, description = "Digest or name@version")), security(("bearer" = [])),
     responses((status = 200, body = BundleRecord), (status = 404, body = ErrorBody)))]
 async fn get_bundle(
-    caller: Caller,
+    Viewer(_): Viewer,
     State(state): State<AppState>,
     Path(reference): Path<String>,
 ) -> ApiResult<Json<BundleRecord>> {
-    caller.require(Role::Viewer)?;
     Ok(Json(state.hub().bundle(&reference)?))
 }
 
@@ -379,10 +371,9 @@ async fn get_bundle(
 #[utoipa::path(get, path = "/api/v1/rollouts", tag = "rollouts", security(("bearer" = [])),
     responses((status = 200, body = Vec<RolloutView>)))]
 async fn list_rollouts(
-    caller: Caller,
+    Viewer(_): Viewer,
     State(state): State<AppState>,
 ) -> ApiResult<Json<Vec<RolloutView>>> {
-    caller.require(Role::Viewer)?;
     let hub = state.hub();
     Ok(Json(
         hub.rollouts().into_iter().map(RolloutView::new).collect(),
@@ -403,12 +394,11 @@ struct CreateQuery {
     request_body(content = Object, content_type = "application/json", description = "A rollout spec"),
     responses((status = 201, body = RolloutView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn create_rollout(
-    caller: Caller,
+    Operator(caller): Operator,
     State(state): State<AppState>,
     Query(query): Query<CreateQuery>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<RolloutView>)> {
-    caller.require(Role::Operator)?;
     let text =
         std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("spec is not UTF-8"))?;
     let spec = RolloutSpec::from_json(text)
@@ -428,11 +418,10 @@ async fn create_rollout(
     params(("id" = String, Path, description = "Rollout id")), security(("bearer" = [])),
     responses((status = 200, body = RolloutView), (status = 404, body = ErrorBody)))]
 async fn get_rollout(
-    caller: Caller,
+    Viewer(_): Viewer,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<RolloutView>> {
-    caller.require(Role::Viewer)?;
     Ok(Json(RolloutView::new(state.hub().rollout(&id)?)))
 }
 
@@ -453,12 +442,11 @@ struct SteerBody {
     responses((status = 200, body = RolloutView), (status = 400, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn steer_rollout(
-    caller: Caller,
+    Operator(caller): Operator,
     State(state): State<AppState>,
     Path((id, action)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult<Json<RolloutView>> {
-    caller.require(Role::Operator)?;
     let steer = match action.as_str() {
         "pause" => Steer::Pause,
         "resume" => Steer::Resume,
@@ -510,11 +498,10 @@ struct EventQuery {
 #[utoipa::path(get, path = "/api/v1/events", tag = "events", params(EventQuery),
     security(("bearer" = [])), responses((status = 200, body = EventsPage)))]
 async fn list_events(
-    caller: Caller,
+    Viewer(_): Viewer,
     State(state): State<AppState>,
     Query(query): Query<EventQuery>,
 ) -> ApiResult<Json<EventsPage>> {
-    caller.require(Role::Viewer)?;
     let limit = query.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad_request("limit must be 1-1000"));
@@ -539,8 +526,7 @@ async fn list_events(
 /// The control plane's public key (PEM): agents need it to check desired states.
 #[utoipa::path(get, path = "/api/v1/server/key", tag = "server", security(("bearer" = [])),
     responses((status = 200, content_type = "application/x-pem-file", body = String)))]
-async fn server_key(caller: Caller, State(state): State<AppState>) -> ApiResult<Response> {
-    caller.require(Role::Viewer)?;
+async fn server_key(Viewer(_): Viewer, State(state): State<AppState>) -> ApiResult<Response> {
     Ok((
         [(header::CONTENT_TYPE, "application/x-pem-file")],
         state.public_key_pem.clone(),

@@ -129,9 +129,46 @@ pub struct RolloutView {
     /// The first failed gate, with its numbers.
     #[schema(value_type = Option<Object>)]
     pub failure: Option<crate::rollout::GateFailure>,
-    /// Every agent's part.
+    /// Every agent's part, by id.
+    pub agents: BTreeMap<String, AgentPart>,
+}
+
+/// One agent's part in a rollout.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct AgentPart {
+    /// Its wave.
+    pub wave: usize,
+    /// Its value of the stratification label.
+    pub stratum: Option<String>,
+    /// Whether it is connected, as far as the rollout knows.
+    pub online: bool,
+    /// Where it is: `{"phase": "active", "at_ms": ...}` and the like.
     #[schema(value_type = Object)]
-    pub agents: BTreeMap<String, crate::rollout::AgentStatus>,
+    pub phase: AgentPhase,
+    /// What it ran before: the rollback target.
+    #[schema(value_type = Option<Object>)]
+    pub previous: Option<flotilla_shared::wire::DesiredBundle>,
+    /// When the new version was sent to it.
+    pub assigned_ms: Option<u64>,
+    /// When it first reported serving the new version.
+    pub reported_ms: Option<u64>,
+    /// Whether it dropped offline during its wave after receiving the new version.
+    pub dropped: bool,
+}
+
+impl From<&crate::rollout::AgentStatus> for AgentPart {
+    fn from(status: &crate::rollout::AgentStatus) -> Self {
+        Self {
+            wave: status.wave,
+            stratum: status.stratum.clone(),
+            online: status.online,
+            phase: status.phase.clone(),
+            previous: status.previous.clone(),
+            assigned_ms: status.assigned_ms,
+            reported_ms: status.reported_ms,
+            dropped: status.dropped,
+        }
+    }
 }
 
 /// One wave's progress.
@@ -163,9 +200,9 @@ pub struct WaveView {
 impl RolloutView {
     /// Builds the view from the engine's accessors.
     pub fn new(rollout: &Rollout) -> Self {
-        let agents: BTreeMap<String, crate::rollout::AgentStatus> = rollout
+        let agents: BTreeMap<String, AgentPart> = rollout
             .agents()
-            .map(|(id, status)| (id.to_owned(), status.clone()))
+            .map(|(id, status)| (id.to_owned(), AgentPart::from(status)))
             .collect();
         let mut phases = BTreeMap::new();
         for status in agents.values() {
@@ -197,11 +234,7 @@ impl RolloutView {
 }
 
 impl WaveView {
-    fn new(
-        rollout: &Rollout,
-        wave: &WaveStatus,
-        agents: &BTreeMap<String, crate::rollout::AgentStatus>,
-    ) -> Self {
+    fn new(rollout: &Rollout, wave: &WaveStatus, agents: &BTreeMap<String, AgentPart>) -> Self {
         let members: Vec<String> = agents
             .iter()
             .filter(|(_, s)| s.wave == wave.index)

@@ -1,0 +1,206 @@
+//! `flotilla agents` and `flotilla events`: the fleet and the event log.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Result;
+use flotilla_shared::wire::Health;
+use serde::Deserialize;
+
+use super::table::{self, Table};
+use super::{emit, print_json, Client, RemoteArgs};
+use crate::server::store::EventRecord;
+
+/// How often `events --follow` asks for new events.
+const FOLLOW_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The server's page size when none is asked for.
+const DEFAULT_PAGE: usize = 100;
+
+/// The parts of the API's agent view the table shows.
+#[derive(Debug, Deserialize)]
+struct AgentRow {
+    id: String,
+    online: bool,
+    version: String,
+    health: Option<Health>,
+    labels: BTreeMap<String, String>,
+    last_heartbeat_ms: Option<u64>,
+    rollout: Option<String>,
+}
+
+/// Lists agents, optionally those a label selector matches.
+pub(in crate::cli) fn agents(
+    selector: Option<&str>,
+    remote: &RemoteArgs,
+    as_json: bool,
+) -> Result<()> {
+    let client = Client::new(remote)?;
+    let query: Vec<(&str, String)> = selector
+        .map(|s| ("selector", s.to_owned()))
+        .into_iter()
+        .collect();
+    let answer = client.get(&["api", "v1", "agents"], &query)?;
+    if as_json {
+        return print_json(&answer.json);
+    }
+
+    let rows: Vec<AgentRow> = answer.parse("agent list")?;
+    if rows.is_empty() {
+        let scope = if selector.is_some() {
+            " match the selector"
+        } else {
+            " are known"
+        };
+        return emit(&format!("no agents{scope}\n"));
+    }
+    let now = table::now_ms();
+    let mut out = Table::new(&[
+        "AGENT",
+        "ONLINE",
+        "VERSION",
+        "HEALTH",
+        "HEARTBEAT",
+        "ROLLOUT",
+        "LABELS",
+    ]);
+    for a in &rows {
+        out.row(vec![
+            a.id.clone(),
+            if a.online { "yes" } else { "no" }.into(),
+            a.version.clone(),
+            health_label(a.health.as_ref()),
+            a.last_heartbeat_ms
+                .map_or_else(|| "never".into(), |ms| table::age(ms, now)),
+            a.rollout.clone().unwrap_or_else(|| "-".into()),
+            a.labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        ]);
+    }
+    emit(&out.render(""))
+}
+
+fn health_label(health: Option<&Health>) -> String {
+    match health {
+        Some(Health::Ok) => "ok".into(),
+        Some(Health::Degraded { cause }) => format!("degraded ({cause})"),
+        Some(Health::NoModel) => "no_model".into(),
+        None => "unknown".into(),
+    }
+}
+
+/// Which events `flotilla events` asks for.
+#[derive(Debug, Clone, Default)]
+pub(in crate::cli) struct EventFilter {
+    /// Only this agent's.
+    pub agent: Option<String>,
+    /// Only this rollout's.
+    pub rollout: Option<String>,
+    /// Only this kind.
+    pub kind: Option<String>,
+    /// Only after this event id.
+    pub after: Option<u64>,
+    /// Page size; the server's default (100) when `None`.
+    pub limit: Option<usize>,
+}
+
+impl EventFilter {
+    fn query(&self, after: Option<u64>) -> Vec<(&'static str, String)> {
+        let mut query = Vec::new();
+        let text = [
+            ("agent", &self.agent),
+            ("rollout", &self.rollout),
+            ("kind", &self.kind),
+        ];
+        for (key, value) in text {
+            if let Some(value) = value {
+                query.push((key, value.clone()));
+            }
+        }
+        if let Some(after) = after {
+            query.push(("after", after.to_string()));
+        }
+        if let Some(limit) = self.limit {
+            query.push(("limit", limit.to_string()));
+        }
+        query
+    }
+}
+
+/// A page of the event log as the API sends it.
+#[derive(Debug, Deserialize)]
+struct EventsPage {
+    events: Vec<EventRecord>,
+    next_after: Option<u64>,
+}
+
+/// Prints one page of the event log, or with `follow` keeps asking for newer events every
+/// second until interrupted.
+pub(in crate::cli) fn events(
+    filter: &EventFilter,
+    follow: bool,
+    remote: &RemoteArgs,
+    as_json: bool,
+) -> Result<()> {
+    let client = Client::new(remote)?;
+    let answer = client.get(&["api", "v1", "events"], &filter.query(filter.after))?;
+    if as_json && !follow {
+        return print_json(&answer.json);
+    }
+    let page: EventsPage = answer.parse("event page")?;
+
+    if !follow {
+        if page.events.is_empty() {
+            return emit("no events\n");
+        }
+        return emit(&event_table(&page.events).render(""));
+    }
+
+    // Following: one line per event as it arrives (JSON lines with --json), no header.
+    let mut after = page.next_after;
+    let mut events = page.events;
+    loop {
+        for event in &events {
+            emit(&(event_line(event, as_json)? + "\n"))?;
+        }
+        // A full page means more are waiting: fetch them at once.
+        let page_was_full = events.len() >= filter.limit.unwrap_or(DEFAULT_PAGE);
+        if !page_was_full {
+            std::thread::sleep(FOLLOW_INTERVAL);
+        }
+        let page: EventsPage = client
+            .get(&["api", "v1", "events"], &filter.query(after))?
+            .parse("event page")?;
+        after = page.next_after.or(after);
+        events = page.events;
+    }
+}
+
+fn event_table(events: &[EventRecord]) -> Table {
+    let mut out = Table::new(&["ID", "TIME", "KIND", "AGENT", "ROLLOUT", "MESSAGE"]);
+    for e in events {
+        out.row(event_cells(e));
+    }
+    out
+}
+
+fn event_cells(e: &EventRecord) -> Vec<String> {
+    vec![
+        e.id.to_string(),
+        table::timestamp(e.at_ms),
+        e.kind.clone(),
+        e.agent.clone().unwrap_or_else(|| "-".into()),
+        e.rollout.clone().unwrap_or_else(|| "-".into()),
+        e.message.clone(),
+    ]
+}
+
+fn event_line(e: &EventRecord, as_json: bool) -> Result<String> {
+    if as_json {
+        return Ok(serde_json::to_string(e)?);
+    }
+    Ok(event_cells(e).join("  "))
+}

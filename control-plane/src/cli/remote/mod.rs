@@ -1,0 +1,292 @@
+//! Operator commands that talk to a running control plane over its REST API.
+//!
+//! [`Client`] holds the server URL and token and turns every answer into either JSON or an
+//! error that carries the API's own message and status. The verbs live in [`bundles`],
+//! [`rollouts`] and [`fleet`]; [`table`] lays out their human-readable output.
+
+pub(super) mod bundles;
+pub(super) mod fleet;
+pub(super) mod rollouts;
+mod table;
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use reqwest::blocking::{Body, RequestBuilder, Response};
+use reqwest::{StatusCode, Url};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// Default for [`RemoteArgs::server`].
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
+
+/// How long to wait for a TCP connection to the server.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long an ordinary API request may take, connection included (uploads have no limit).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where the control plane is and which token to present; shared by every remote verb.
+#[derive(Debug, Clone, Args)]
+pub struct RemoteArgs {
+    /// Control plane base URL (plain HTTP) [default: http://127.0.0.1:8080].
+    #[arg(long, env = "FLOTILLA_SERVER", default_value = DEFAULT_SERVER, hide_default_value = true)]
+    pub server: String,
+    /// API bearer token (make one with `flotilla server token`); without one no
+    /// Authorization header is sent and the server answers 401.
+    #[arg(long, env = "FLOTILLA_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// A non-2xx answer: the API's `{"error": ...}` message and the status.
+#[derive(Debug, thiserror::Error)]
+#[error("{message} (HTTP {})", status.as_u16())]
+pub struct ApiFailure {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The API's error message, or the body text when it sent no JSON error.
+    pub message: String,
+}
+
+/// A JSON answer and the status it came with.
+pub(crate) struct Answer {
+    status: StatusCode,
+    json: Value,
+}
+
+impl Answer {
+    /// The answer as a typed view; `what` names it for the error.
+    fn parse<T: DeserializeOwned>(&self, what: &str) -> Result<T> {
+        serde_json::from_value(self.json.clone())
+            .with_context(|| format!("unexpected {what} from the server"))
+    }
+}
+
+/// A blocking client for one control plane.
+pub(crate) struct Client {
+    base: Url,
+    token: Option<String>,
+    http: reqwest::blocking::Client,
+    uploads: reqwest::blocking::Client,
+}
+
+impl Client {
+    /// Checks the URL and builds the HTTP clients; nothing is sent yet.
+    pub(crate) fn new(args: &RemoteArgs) -> Result<Self> {
+        let base = parse_server_url(&args.server)?;
+        let build = |timeout: Option<Duration>| {
+            reqwest::blocking::Client::builder()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .timeout(timeout)
+                .user_agent(concat!("flotilla/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .context("cannot set up the HTTP client")
+        };
+        Ok(Self {
+            base,
+            token: args.token.clone().filter(|t| !t.trim().is_empty()),
+            http: build(Some(REQUEST_TIMEOUT))?,
+            // A large bundle over a slow link takes as long as it takes.
+            uploads: build(None)?,
+        })
+    }
+
+    /// `segments` appended to the base URL (each percent-encoded) with `query` pairs.
+    fn url(&self, segments: &[&str], query: &[(&str, String)]) -> Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .expect("invariant: an http URL can be a base")
+            .pop_if_empty()
+            .extend(segments);
+        if !query.is_empty() {
+            let mut pairs = url.query_pairs_mut();
+            for (key, value) in query {
+                pairs.append_pair(key, value);
+            }
+        }
+        url
+    }
+
+    /// `GET` under the base URL.
+    pub(crate) fn get(&self, segments: &[&str], query: &[(&str, String)]) -> Result<Answer> {
+        let url = self.url(segments, query);
+        self.send(self.http.get(url.clone()), &url)
+    }
+
+    /// `POST` a JSON body (or none) under the base URL.
+    pub(crate) fn post_json(
+        &self,
+        segments: &[&str],
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<Answer> {
+        let url = self.url(segments, query);
+        let mut request = self.http.post(url.clone());
+        if let Some(body) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(serde_json::to_vec(body).context("cannot encode the request")?);
+        }
+        self.send(request, &url)
+    }
+
+    /// `POST` a raw octet stream under the base URL, with no overall time limit.
+    pub(crate) fn post_bytes(&self, segments: &[&str], body: Body) -> Result<Answer> {
+        let url = self.url(segments, &[]);
+        let request = self
+            .uploads
+            .post(url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(body);
+        self.send(request, &url)
+    }
+
+    fn send(&self, mut request: RequestBuilder, url: &Url) -> Result<Answer> {
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().map_err(|e| self.transport_error(&e, url))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(api_failure(response).into());
+        }
+
+        let text = response.text().map_err(|e| self.transport_error(&e, url))?;
+        let json = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "the server at {} answered {url} with something other than JSON",
+                self.base
+            )
+        })?;
+        Ok(Answer { status, json })
+    }
+
+    fn transport_error(&self, e: &reqwest::Error, url: &Url) -> anyhow::Error {
+        let cause = innermost_cause(e);
+        if e.is_connect() {
+            anyhow!("cannot reach the server at {}: {cause}", self.base)
+        } else if e.is_timeout() {
+            anyhow!("the server at {} did not answer in time ({url})", self.base)
+        } else {
+            anyhow!("request to {url} failed: {cause}")
+        }
+    }
+}
+
+/// The server URL as the user gave it, checked: plain `http` with a host. A trailing path
+/// (a reverse proxy's prefix) is kept.
+fn parse_server_url(text: &str) -> Result<Url> {
+    let url = Url::parse(text.trim())
+        .with_context(|| format!("bad server URL {text:?} (expected http://HOST:PORT)"))?;
+    match url.scheme() {
+        "http" => {}
+        "https" => bail!(
+            "server URL {text:?}: this build of flotilla speaks plain HTTP only; \
+             put a TLS-terminating proxy in front of the CLI or use http://"
+        ),
+        other => bail!("server URL {text:?}: unsupported scheme {other:?} (expected http://)"),
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        bail!("server URL {text:?} names no host");
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        bail!("server URL {text:?} must not carry a query or fragment");
+    }
+    Ok(url)
+}
+
+/// Reads a failed answer's `{"error": ...}` (or its text) into an [`ApiFailure`].
+fn api_failure(response: Response) -> ApiFailure {
+    let status = response.status();
+    let text = response.text().unwrap_or_default();
+    let from_json = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned));
+    let message = from_json.unwrap_or_else(|| {
+        let text = text.trim();
+        if text.is_empty() {
+            status
+                .canonical_reason()
+                .unwrap_or("no error message")
+                .to_lowercase()
+        } else {
+            text.to_owned()
+        }
+    });
+    ApiFailure { status, message }
+}
+
+/// The last message in an error's source chain: `connection refused` rather than the
+/// layers of wrapping above it.
+fn innermost_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = e;
+    while let Some(source) = current.source() {
+        current = source;
+    }
+    current.to_string()
+}
+
+/// Pretty-prints the API's JSON.
+fn print_json(json: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(json).context("cannot encode JSON")?;
+    emit(&(text + "\n"))
+}
+
+/// Writes to standard output; a closed pipe (`| head`) ends the program quietly, as the
+/// reader has had enough.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        other => other.context("cannot write to standard output"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(server: &str) -> Client {
+        Client::new(&RemoteArgs {
+            server: server.into(),
+            token: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn urls_keep_a_proxy_prefix_and_encode_user_input() {
+        let plain = client("http://127.0.0.1:8080");
+        assert_eq!(
+            plain
+                .url(&["api", "v1", "rollouts", "a/b c"], &[("id", "x&y".into())])
+                .as_str(),
+            "http://127.0.0.1:8080/api/v1/rollouts/a%2Fb%20c?id=x%26y"
+        );
+        let prefixed = client("http://cp.local/flotilla/");
+        assert_eq!(
+            prefixed.url(&["api", "v1", "agents"], &[]).as_str(),
+            "http://cp.local/flotilla/api/v1/agents"
+        );
+    }
+
+    #[test]
+    fn server_urls_other_than_plain_http_are_refused_with_the_reason() {
+        for (url, reason) in [
+            ("127.0.0.1:8080", "bad server URL"),
+            ("https://cp.local", "plain HTTP only"),
+            ("ftp://cp.local", "unsupported scheme"),
+            ("http://cp.local/?x=1", "query"),
+        ] {
+            let err = Client::new(&RemoteArgs {
+                server: url.into(),
+                token: None,
+            })
+            .err()
+            .unwrap_or_else(|| panic!("{url} accepted"));
+            assert!(err.to_string().contains(reason), "{url}: {err}");
+        }
+    }
+}

@@ -1,0 +1,743 @@
+//! The operator CLI's remote verbs (`bundle push/list`, `rollout ...`, `agents`, `events`): the
+//! real `flotilla` binary against a real control plane started in-process.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use flotilla_control_plane::server::config::{
+    hash_token, MqttConfig, Role, ServerConfig, TokenConfig, TrustConfig,
+};
+use flotilla_control_plane::server::{self, unix_ms, RunningServer};
+use flotilla_shared::manifest::Backend;
+use flotilla_shared::wire::{topics, Birth, Capabilities, Envelope, Presence};
+use flotilla_shared::Bundle;
+use flotilla_tests::{
+    free_port, pack_signed, pack_signed_with, set_release, write_public_key, TestKeys,
+};
+use serde_json::Value;
+use tempfile::TempDir;
+
+const OPERATOR_TOKEN: &str = "operator-token-for-cli-tests";
+const VIEWER_TOKEN: &str = "viewer-token-for-cli-tests";
+const MODEL: &str = "tiny-mlp-raw";
+
+/// The `flotilla` binary, built once per test run.
+fn flotilla_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| flotilla_tests::binary("flotilla"))
+}
+
+/// What one CLI run printed and how it exited.
+#[derive(Debug)]
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn ok(self) -> Self {
+        assert_eq!(self.code, Some(0), "expected success: {self:#?}");
+        self
+    }
+
+    /// Exit 1 with `error: ...` naming `needle` on standard error.
+    fn fails_with(self, needle: &str) -> Self {
+        assert_eq!(self.code, Some(1), "expected exit 1: {self:#?}");
+        assert!(
+            self.stderr.starts_with("error: ") && self.stderr.contains(needle),
+            "expected {needle:?} in stderr: {self:#?}"
+        );
+        assert!(!self.stderr.contains("panicked"), "{self:#?}");
+        self
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
+    }
+}
+
+/// A control plane on ephemeral ports with an operator and a viewer token, a trusted
+/// publisher key, and a temporary data directory; stopped when dropped.
+struct Fixture {
+    runtime: tokio::runtime::Runtime,
+    server: Option<RunningServer>,
+    dir: TempDir,
+    keys: TestKeys,
+    url: String,
+}
+
+impl Fixture {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let keys = TestKeys::default();
+        let publisher = write_public_key(dir.path(), "publisher", &keys.publisher);
+        let token = |name: &str, role, secret: &str| TokenConfig {
+            name: name.into(),
+            role,
+            sha256: hash_token(secret),
+        };
+        let config = ServerConfig {
+            data_dir: dir.path().join("data"),
+            listen: "127.0.0.1:0".parse().expect("address"),
+            mqtt: MqttConfig {
+                listen: format!("127.0.0.1:{}", free_port())
+                    .parse()
+                    .expect("address"),
+                ..MqttConfig::default()
+            },
+            trust: TrustConfig {
+                publishers: vec![publisher],
+                threshold: 1,
+            },
+            tokens: vec![
+                token("ops", Role::Operator, OPERATOR_TOKEN),
+                token("viewer", Role::Viewer, VIEWER_TOKEN),
+            ],
+            ..ServerConfig::default()
+        };
+        let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+        let server = runtime
+            .block_on(server::start(config))
+            .expect("server starts");
+        let url = format!("http://{}", server.api_addr);
+        Self {
+            runtime,
+            server: Some(server),
+            dir,
+            keys,
+            url,
+        }
+    }
+
+    fn command(&self, token: Option<&str>, args: &[&str]) -> Command {
+        let mut command = Command::new(flotilla_binary());
+        command
+            .args(args)
+            .env("FLOTILLA_SERVER", &self.url)
+            .env_remove("FLOTILLA_TOKEN")
+            .env("NO_COLOR", "1");
+        if let Some(token) = token {
+            command.env("FLOTILLA_TOKEN", token);
+        }
+        command
+    }
+
+    /// Runs `flotilla ARGS` against this server with `token` in `FLOTILLA_TOKEN`.
+    fn cli(&self, token: Option<&str>, args: &[&str]) -> Run {
+        let output = self.command(token, args).output().expect("flotilla runs");
+        Run {
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    fn operator(&self, args: &[&str]) -> Run {
+        self.cli(Some(OPERATOR_TOKEN), args)
+    }
+
+    /// Writes `bytes` into the fixture's directory and returns the path as text.
+    fn file(&self, name: &str, bytes: &[u8]) -> String {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, bytes).expect("write test file");
+        path.to_str().expect("UTF-8 temp path").to_owned()
+    }
+
+    /// Packs and signs the test model; returns its file and digest.
+    fn signed_bundle(&self) -> (String, String) {
+        let bytes = pack_signed(MODEL, &self.keys.publisher);
+        let digest = Bundle::parse(&bytes)
+            .expect("bundle parses")
+            .digest()
+            .to_hex();
+        (self.file("model.bundle", &bytes), digest)
+    }
+
+    /// Registers an online agent as if its birth had arrived over MQTT.
+    fn add_agent(&self, id: &str, labels: &[(&str, &str)]) {
+        let birth = Birth {
+            session: 1,
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<BTreeMap<_, _>>(),
+            capabilities: Capabilities {
+                architecture: std::env::consts::ARCH.into(),
+                cores: 2,
+                memory_bytes: 1 << 30,
+                gpu: false,
+                backends: vec![Backend::Tract],
+                agent_version: "0.1.0".into(),
+            },
+            active: None,
+        };
+        let payload = Envelope::new(id, 1, unix_ms(), Presence::Online(birth)).encode();
+        let server = self.server.as_ref().expect("server running");
+        server.hub().lock().expect("hub lock").on_agent_message(
+            &topics::agent_state(id),
+            &payload,
+            unix_ms(),
+        );
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            let _ = self.runtime.block_on(server.stop());
+        }
+    }
+}
+
+#[test]
+fn pushed_bundle_is_listed_by_digest_and_a_second_push_is_already_held() {
+    let fx = Fixture::start();
+    let (file, digest) = fx.signed_bundle();
+
+    let first = fx.operator(&["bundle", "push", &file]).ok();
+    assert!(
+        first.stdout.contains("tiny-mlp-raw@1.0.0 uploaded (new)"),
+        "{first:#?}"
+    );
+    assert!(
+        first.stdout.contains(&format!("sha256:{digest}")),
+        "{first:#?}"
+    );
+
+    let listed = fx
+        .cli(Some(VIEWER_TOKEN), &["bundle", "list", "--json"])
+        .ok();
+    let bundles = listed.json();
+    let bundles = bundles.as_array().expect("a JSON array");
+    assert_eq!(bundles.len(), 1, "{listed:#?}");
+    assert_eq!(bundles[0]["digest"], digest.as_str());
+    assert_eq!(bundles[0]["name"], MODEL);
+
+    let table = fx.cli(Some(VIEWER_TOKEN), &["bundle", "list"]).ok();
+    let mut lines = table.stdout.lines();
+    assert!(
+        lines.next().is_some_and(|h| h.starts_with("BUNDLE ")),
+        "{table:#?}"
+    );
+    let row = lines.next().expect("one row");
+    assert!(
+        row.starts_with("tiny-mlp-raw@1.0.0 ") && row.contains(&digest[..12]),
+        "{row}"
+    );
+
+    let again = fx.operator(&["bundle", "push", &file, "--json"]).ok();
+    assert_eq!(again.json()["digest"], digest.as_str());
+    let again = fx.operator(&["bundle", "push", &file]).ok();
+    assert!(again.stdout.contains("already held"), "{again:#?}");
+}
+
+#[test]
+fn garbage_and_unsigned_uploads_show_the_refusal_and_exit_1() {
+    let fx = Fixture::start();
+
+    let garbage = fx.file("garbage.bundle", b"this is not a bundle at all");
+    fx.operator(&["bundle", "push", &garbage])
+        .fails_with("bundle refused:")
+        .fails_with("(HTTP 400)");
+
+    let dir = fx.dir.path().join("unsigned-model");
+    std::fs::create_dir(&dir).expect("model copy");
+    for entry in std::fs::read_dir(flotilla_tests::models_dir().join(MODEL)).expect("model") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
+    }
+    let unsigned = fx.file("unsigned.bundle", &[]);
+    let packed = fx.operator(&[
+        "bundle",
+        "pack",
+        dir.to_str().expect("UTF-8"),
+        "--out",
+        &unsigned,
+    ]);
+    packed.ok();
+    fx.operator(&["bundle", "push", &unsigned])
+        .fails_with("bundle refused:")
+        .fails_with("(HTTP 400)");
+
+    let missing = fx.dir.path().join("no-such.bundle");
+    fx.operator(&["bundle", "push", missing.to_str().expect("UTF-8")])
+        .fails_with("cannot open bundle");
+
+    let empty = fx.operator(&["bundle", "list", "--json"]).ok();
+    assert_eq!(empty.json(), serde_json::json!([]), "nothing was stored");
+}
+
+#[test]
+fn tokens_are_checked_and_the_api_messages_are_shown() {
+    let fx = Fixture::start();
+    let (file, _) = fx.signed_bundle();
+
+    fx.cli(Some(VIEWER_TOKEN), &["bundle", "push", &file])
+        .fails_with("token \"viewer\" has role viewer; this needs operator (HTTP 403)");
+    fx.cli(None, &["agents"])
+        .fails_with("missing bearer token (HTTP 401)");
+    fx.cli(None, &["bundle", "push", &file])
+        .fails_with("missing bearer token (HTTP 401)");
+    fx.cli(Some("not-a-known-token"), &["rollout", "list"])
+        .fails_with("unknown token (HTTP 401)");
+
+    // Flags win over the environment.
+    let flagged = fx.cli(
+        Some("not-a-known-token"),
+        &[
+            "agents",
+            "--json",
+            "--token",
+            VIEWER_TOKEN,
+            "--server",
+            &fx.url,
+        ],
+    );
+    assert_eq!(flagged.ok().json(), serde_json::json!([]));
+    let empty = fx.cli(Some(VIEWER_TOKEN), &["agents"]).ok();
+    assert_eq!(empty.stdout, "no agents are known\n");
+}
+
+#[test]
+fn rollout_start_without_matching_agents_shows_the_api_refusal() {
+    let fx = Fixture::start();
+    let (file, digest) = fx.signed_bundle();
+    fx.operator(&["bundle", "push", &file]).ok();
+
+    fx.operator(&[
+        "rollout",
+        "start",
+        "--bundle",
+        "tiny-mlp-raw@1.0.0",
+        "--selector",
+        "",
+        "--wave",
+        "1",
+        "--wave",
+        "100%",
+        "--bake",
+        "30s",
+    ])
+    .fails_with("matches no agent")
+    .fails_with("(HTTP 400)");
+
+    let spec = fx.file(
+        "spec.toml",
+        format!(
+            "bundle = \"sha256:{digest}\"\nselector = \"site=berlin\"\n\
+             [[waves]]\nsize = {{ percent = 100 }}\nbake_secs = 10\n"
+        )
+        .as_bytes(),
+    );
+    fx.operator(&["rollout", "start", "--spec", &spec])
+        .fails_with("matches no agent")
+        .fails_with("(HTTP 400)");
+
+    fx.operator(&[
+        "rollout",
+        "start",
+        "--bundle",
+        "other@2.0.0",
+        "--selector",
+        "",
+        "--wave",
+        "1",
+        "--bake",
+        "1s",
+    ])
+    .fails_with("upload it first (HTTP 400)");
+
+    let listed = fx.operator(&["rollout", "list", "--json"]).ok();
+    assert_eq!(listed.json(), serde_json::json!([]));
+}
+
+#[test]
+fn an_invalid_spec_is_refused_locally_before_anything_is_sent() {
+    let fx = Fixture::start();
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+
+    let cumulative = fx.operator(&[
+        "rollout",
+        "start",
+        "--server",
+        &nowhere,
+        "--bundle",
+        "tiny-mlp-raw@1.0.0",
+        "--selector",
+        "",
+        "--wave",
+        "60%",
+        "--wave",
+        "50%",
+        "--wave",
+        "100%",
+        "--bake",
+        "1m",
+    ]);
+    cumulative.fails_with("not cumulative");
+
+    let typo = fx.file(
+        "typo.json",
+        br#"{"bundle": "tiny-mlp-raw@1.0.0", "selector": "", "gate": {},
+            "waves": [{"size": {"count": 1}, "bake_secs": 5}]}"#,
+    );
+    let run = fx.operator(&["rollout", "start", "--server", &nowhere, "--spec", &typo]);
+    let run = run.fails_with("unknown field `gate`");
+    assert!(run.stderr.contains("typo.json"), "{run:#?}");
+    assert!(!run.stderr.contains("cannot reach"), "{run:#?}");
+
+    let toml = fx.file(
+        "bad.toml",
+        b"bundle = \"tiny-mlp-raw@1.0.0\"\nselector = \"\"\nwaves = []\n",
+    );
+    fx.operator(&["rollout", "start", "--server", &nowhere, "--spec", &toml])
+        .fails_with("at least one wave");
+}
+
+#[test]
+fn bad_flags_are_usage_errors_not_panics() {
+    let fx = Fixture::start();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &[
+                "rollout",
+                "start",
+                "--bundle",
+                "m@1.0.0",
+                "--selector",
+                "",
+                "--wave",
+                "half",
+                "--bake",
+                "1s",
+            ],
+            "neither a number of agents",
+        ),
+        (
+            &[
+                "rollout",
+                "start",
+                "--bundle",
+                "m@1.0.0",
+                "--selector",
+                "",
+                "--wave",
+                "1",
+                "--bake",
+                "soon",
+            ],
+            "not a duration",
+        ),
+        (
+            &[
+                "rollout",
+                "start",
+                "--bundle",
+                "not a ref",
+                "--selector",
+                "",
+                "--wave",
+                "1",
+                "--bake",
+                "1s",
+            ],
+            "parse bundle reference",
+        ),
+        (
+            &[
+                "rollout", "start", "--spec", "x.toml", "--bundle", "m@1.0.0",
+            ],
+            "cannot be used with",
+        ),
+        (&["rollout", "start", "--bundle", "m@1.0.0"], "required"),
+    ];
+    for (args, needle) in cases {
+        let run = fx.operator(args);
+        assert_eq!(run.code, Some(2), "{args:?}: {run:#?}");
+        assert!(run.stderr.contains(needle), "{args:?}: {run:#?}");
+    }
+
+    fx.operator(&["agents", "--server", "cp.local:8080"])
+        .fails_with("unsupported scheme");
+    fx.operator(&["agents", "--selector", "site in ("])
+        .fails_with("bad selector")
+        .fails_with("(HTTP 400)");
+    fx.operator(&["events", "--limit", "0"])
+        .fails_with("limit must be 1-1000 (HTTP 400)");
+}
+
+#[test]
+fn an_unreachable_server_is_named_in_the_error() {
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let output = Command::new(flotilla_binary())
+        .args(["agents", "--server", &url, "--token", "x"])
+        .env_remove("FLOTILLA_SERVER")
+        .output()
+        .expect("flotilla runs");
+    let run = Run {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    run.fails_with(&format!("cannot reach the server at {url}/"));
+}
+
+#[test]
+fn a_rollout_is_started_shown_and_steered_from_the_cli() {
+    let fx = Fixture::start();
+    let (file, digest) = fx.signed_bundle();
+    fx.operator(&["bundle", "push", &file]).ok();
+    fx.add_agent("edge-1", &[("site", "berlin")]);
+    fx.add_agent("edge-2", &[("site", "berlin")]);
+    fx.add_agent("edge-3", &[("site", "paris")]);
+
+    let agents = fx
+        .cli(Some(VIEWER_TOKEN), &["agents", "--selector", "site=berlin"])
+        .ok();
+    let lines: Vec<&str> = agents.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{agents:#?}");
+    assert!(
+        lines[0].starts_with("AGENT ") && lines[0].contains("LABELS"),
+        "{agents:#?}"
+    );
+    assert!(
+        lines[1].starts_with("edge-1 ") && lines[1].contains(" yes "),
+        "{agents:#?}"
+    );
+    assert!(
+        lines[1].ends_with("site=berlin") && lines[1].contains(" never "),
+        "{agents:#?}"
+    );
+
+    let started = fx
+        .operator(&[
+            "rollout",
+            "start",
+            "--id",
+            "canary-1",
+            "--bundle",
+            "tiny-mlp-raw@1.0.0",
+            "--selector",
+            "site=berlin",
+            "--wave",
+            "1",
+            "--wave",
+            "100%",
+            "--bake",
+            "30s",
+            "--max-p99-ratio",
+            "1.5",
+            "--on-failure",
+            "pause",
+            "--max-error-rate",
+            "0.02",
+            "--stratify-by",
+            "site",
+            "--install-timeout",
+            "2m",
+        ])
+        .ok();
+    assert!(
+        started.stdout.starts_with(&format!(
+            "started rollout canary-1 of tiny-mlp-raw@1.0.0 (sha256:{}) to 2 agent(s)",
+            &digest[..12]
+        )),
+        "{started:#?}"
+    );
+    assert!(
+        started.stdout.contains("\n0     1       30s\n"),
+        "{started:#?}"
+    );
+    assert!(
+        started.stdout.contains("\n1     1       30s\n"),
+        "{started:#?}"
+    );
+
+    let view = fx
+        .operator(&["rollout", "status", "canary-1", "--json"])
+        .ok()
+        .json();
+    assert_eq!(view["id"], "canary-1");
+    assert_eq!(view["spec"]["gates"]["max_p99_ratio"], 1.5);
+    assert_eq!(view["spec"]["on_failure"], "pause");
+    assert_eq!(view["spec"]["gates"]["max_error_rate"], 0.02);
+    assert_eq!(view["spec"]["stratify_by"], "site");
+    assert_eq!(view["spec"]["install_timeout_secs"], 120);
+    assert_eq!(view["waves"][0]["bake_secs"], 30);
+
+    let status = fx.operator(&["rollout", "status", "canary-1"]).ok();
+    assert!(
+        status.stdout.contains("rollout   canary-1\n"),
+        "{status:#?}"
+    );
+    assert!(
+        status.stdout.contains("selector  site=berlin\n"),
+        "{status:#?}"
+    );
+    assert!(
+        status.stdout.contains("wave 0  1 agent(s), bake 30s"),
+        "{status:#?}"
+    );
+    assert!(
+        status
+            .stdout
+            .contains("wave 1  1 agent(s), bake 30s: not started"),
+        "{status:#?}"
+    );
+    assert!(status.stdout.contains("1 waiting"), "{status:#?}");
+
+    let listed = fx.cli(Some(VIEWER_TOKEN), &["rollout", "list"]).ok();
+    assert!(
+        listed
+            .stdout
+            .lines()
+            .nth(1)
+            .is_some_and(|row| row.starts_with("canary-1 ") && row.contains("tiny-mlp-raw@1.0.0")),
+        "{listed:#?}"
+    );
+
+    let paused = fx
+        .operator(&[
+            "rollout",
+            "pause",
+            "canary-1",
+            "--reason",
+            "maintenance window",
+        ])
+        .ok();
+    assert!(
+        paused
+            .stdout
+            .contains("pause requested; now paused in wave 0"),
+        "{paused:#?}"
+    );
+    assert!(
+        paused.stdout.contains("maintenance window (by ops)"),
+        "{paused:#?}"
+    );
+    let resumed = fx.operator(&["rollout", "resume", "canary-1"]).ok();
+    assert!(resumed.stdout.contains("now wave 0"), "{resumed:#?}");
+    let aborted = fx
+        .operator(&["rollout", "abort", "canary-1", "--reason", "enough"])
+        .ok();
+    assert!(aborted.stdout.contains("now aborted at"), "{aborted:#?}");
+
+    let spec = fx.file(
+        "paris.json",
+        br#"{"bundle": "tiny-mlp-raw@1.0.0", "selector": "site=paris",
+            "waves": [{"size": {"percent": 100}, "bake_secs": 60}]}"#,
+    );
+    let second = fx.operator(&["rollout", "start", "--spec", &spec]).ok();
+    assert!(
+        second
+            .stdout
+            .starts_with("started rollout tiny-mlp-raw-1.0.0-1 ")
+            && second.stdout.contains(" to 1 agent(s)"),
+        "{second:#?}"
+    );
+    let rolled = fx
+        .operator(&[
+            "rollout",
+            "rollback",
+            "tiny-mlp-raw-1.0.0-1",
+            "--reason",
+            "bad",
+        ])
+        .ok();
+    assert!(
+        rolled.stdout.contains("rollback requested; now rol"),
+        "{rolled:#?}"
+    );
+
+    fx.cli(Some(VIEWER_TOKEN), &["rollout", "pause", "canary-1"])
+        .fails_with("(HTTP 403)");
+    fx.operator(&["rollout", "status", "no-such-rollout"])
+        .fails_with("(HTTP 404)");
+
+    let events = fx
+        .operator(&["events", "--rollout", "canary-1", "--json"])
+        .ok()
+        .json();
+    let events = events["events"].as_array().expect("events array").clone();
+    assert!(!events.is_empty());
+    assert!(
+        events.iter().all(|e| e["rollout"] == "canary-1"),
+        "{events:#?}"
+    );
+}
+
+#[test]
+fn events_are_listed_filtered_and_followed() {
+    let fx = Fixture::start();
+    let (file, _) = fx.signed_bundle();
+    fx.operator(&["bundle", "push", &file]).ok();
+
+    let table = fx
+        .cli(Some(VIEWER_TOKEN), &["events", "--kind", "bundle_uploaded"])
+        .ok();
+    let lines: Vec<&str> = table.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{table:#?}");
+    assert!(
+        lines[0].starts_with("ID ") && lines[0].ends_with("MESSAGE"),
+        "{table:#?}"
+    );
+    assert!(lines[1].contains("bundle_uploaded") && lines[1].contains("tiny-mlp-raw@1.0.0"));
+    let none = fx
+        .cli(Some(VIEWER_TOKEN), &["events", "--kind", "no_such_kind"])
+        .ok();
+    assert_eq!(none.stdout, "no events\n");
+
+    let mut child = fx
+        .command(
+            Some(VIEWER_TOKEN),
+            &["events", "--follow", "--json", "--kind", "bundle_uploaded"],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("flotilla runs");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || {
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("an event line in time")
+    };
+
+    let first: Value = serde_json::from_str(&next()).expect("a JSON line");
+    assert_eq!(first["kind"], "bundle_uploaded");
+    assert!(first["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("@1.0.0")));
+
+    let newer = pack_signed_with(MODEL, &fx.keys.publisher, |dir| {
+        set_release(dir, "1.1.0", 2)
+    });
+    let newer = fx.file("newer.bundle", &newer);
+    fx.operator(&["bundle", "push", &newer]).ok();
+    let second: Value = serde_json::from_str(&next()).expect("a JSON line");
+    assert!(
+        second["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("@1.1.0")),
+        "{second}"
+    );
+    assert!(second["id"].as_u64() > first["id"].as_u64());
+
+    child.kill().expect("stop the follower");
+    let _ = child.wait();
+}
