@@ -162,13 +162,23 @@ def check_weights(config: BertConfig, weights: dict[str, np.ndarray]) -> None:
 class _GraphBuilder:
     """Accumulates nodes and initializers with unique, readable names."""
 
-    def __init__(self) -> None:
+    def __init__(self, share_identical: bool = False) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._counter = 0
+        # With share_identical, an initializer equal to one already added is not stored again:
+        # the graph reads the first copy (weight sharing across layers, as in ALBERT).
+        self._share = share_identical
+        self._by_content: dict[tuple, str] = {}
 
     def const(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.array(array, order="C"), name))
+        array = np.array(array, order="C")
+        if self._share:
+            key = (array.dtype.str, array.shape, array.tobytes())
+            if key in self._by_content:
+                return self._by_content[key]
+            self._by_content[key] = name
+        self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
     def op(self, op_type: str, inputs: list[str], prefix: str, **attrs) -> str:
@@ -217,7 +227,10 @@ def _gelu(g: _GraphBuilder, x: str, name: str, consts: dict[str, str]) -> str:
 
 
 def build_bert_model(
-    weights: dict[str, np.ndarray], config: BertConfig, graph_name: str
+    weights: dict[str, np.ndarray],
+    config: BertConfig,
+    graph_name: str,
+    share_identical: bool = False,
 ) -> onnx.ModelProto:
     """Build and check the ONNX model for `config`; raises `BertWeightsError` on bad weights.
 
@@ -227,7 +240,7 @@ def build_bert_model(
     position-embedding table make the model fail at run time.
     """
     check_weights(config, weights)
-    g = _GraphBuilder()
+    g = _GraphBuilder(share_identical)
     h, heads, head_dim = config.hidden, config.heads, config.head_dim
 
     consts = {

@@ -182,6 +182,10 @@ def build_tokenizer(vocab: list[str]) -> Tokenizer:
 # Weights
 
 TINY_CONFIG = BertConfig(hidden=32, heads=2, layers=2, eps=1e-12)
+# Same width, 24 times the depth, with two distinct layers repeated (shared weights keep the
+# file small): a correct model that is many times slower to run.
+DEEP_CONFIG = BertConfig(hidden=32, heads=2, layers=48, eps=1e-12)
+DEEP_DISTINCT_LAYERS = 2
 TINY_INTERMEDIATE = 64
 TINY_MAX_POSITIONS = 128
 LABELS = ["negative", "neutral", "positive"]
@@ -190,6 +194,7 @@ ENCODER_SEED = 20240101
 HEAD_SEED = 20240102
 PERTURB_SEED = 20240103
 MLP_SEED = 20240104
+DEEP_SEED = 20240105
 
 
 def random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -218,6 +223,19 @@ def tiny_weights(vocab_size: int, config: BertConfig, seed: int) -> dict[str, np
         name: random_tensor(rng, name, shape)
         for name, shape in bert_onnx.weight_shapes(config, sizes).items()
     }
+
+
+def shared_layer_weights(
+    vocab_size: int, config: BertConfig, distinct: int, seed: int
+) -> dict[str, np.ndarray]:
+    """Seeded weights whose encoder layer i repeats layer i % distinct."""
+    weights = tiny_weights(vocab_size, config, seed)
+    prefix = "encoder.layer."
+    for name in list(weights):
+        if name.startswith(prefix):
+            index, rest = name[len(prefix) :].split(".", 1)
+            weights[name] = weights[f"{prefix}{int(index) % distinct}.{rest}"]
+    return weights
 
 
 def classifier_weights(encoder: dict[str, np.ndarray], config: BertConfig) -> dict[str, np.ndarray]:
@@ -521,6 +539,31 @@ def generate(root: Path) -> list[Path]:
         ),
         "Tiny seeded 2-layer BERT encoder (hidden 32) for sentence embeddings.\n"
         "Self-test expectations are left out: the packer computes them.",
+    )
+
+    # tiny-bert-embed-deep
+    deep = shared_layer_weights(len(vocab), DEEP_CONFIG, DEEP_DISTINCT_LAYERS, DEEP_SEED)
+    deep_model = bert_onnx.build_bert_model(
+        deep, DEEP_CONFIG, "tiny-bert-embed-deep", share_identical=True
+    )
+    print("tiny-bert-embed-deep")
+    check_tiny_bert(deep_model, deep, DEEP_CONFIG, tokenizer)
+    save_onnx(out("tiny-bert-embed-deep/model.onnx"), deep_model)
+    out("tiny-bert-embed-deep/tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+    write_bundle(
+        out("tiny-bert-embed-deep/bundle.toml"),
+        embedding_bundle(
+            "tiny-bert-embed-deep",
+            [
+                {
+                    "name": "english-and-chinese",
+                    "texts": EMBED_SELF_TEST_TEXTS,
+                    "tolerance": SELF_TEST_TOLERANCE,
+                },
+            ],
+        ),
+        "Seeded 48-layer BERT encoder (hidden 32; two distinct layers, repeated): correct,\n"
+        "passes its self-test, and runs many times slower than tiny-bert-embed.",
     )
 
     # tiny-bert-classify

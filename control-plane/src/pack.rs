@@ -189,6 +189,30 @@ impl Progress for () {
     fn step(&self, _message: &str) {}
 }
 
+/// Rewrites the release lines of `dir/bundle.toml` in place: `version`, `sequence`, and the
+/// model `name` when given. For making successive releases of one model directory.
+pub fn set_release(dir: &Path, name: Option<&str>, version: &str, sequence: u64) -> Result<()> {
+    let path = dir.join(SPEC_FILE);
+    let spec = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    // Only top-level keys: self-tests have `name` fields too.
+    let mut top_level = true;
+    let rewritten: Vec<String> = spec
+        .lines()
+        .map(|line| {
+            top_level &= !line.trim_start().starts_with('[');
+            match (top_level, line.split_once(" = "), name) {
+                (true, Some(("version", _)), _) => format!("version = {version:?}"),
+                (true, Some(("sequence", _)), _) => format!("sequence = {sequence}"),
+                (true, Some(("name", _)), Some(name)) => format!("name = {name:?}"),
+                _ => line.to_owned(),
+            }
+        })
+        .collect();
+    std::fs::write(&path, rewritten.join("\n") + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// Packs `dir` (which holds `bundle.toml`) at time `now` (Unix seconds).
 pub fn pack(dir: &Path, now: u64, progress: &dyn Progress) -> Result<Packed> {
     progress.step("reading bundle.toml");

@@ -1,9 +1,11 @@
 //! The `flotilla` command line: argument definitions and dispatch.
 
 mod bundle;
+mod demo;
 mod remote;
 mod server;
 
+pub use demo::DemoArgs;
 pub use remote::rollouts::StartArgs;
 pub use remote::{ApiFailure, RemoteArgs};
 pub use server::ServeArgs;
@@ -53,6 +55,8 @@ pub enum Command {
     },
     /// Read a control plane's event log, oldest first.
     Events(EventsArgs),
+    /// Run the whole system locally: a control plane, agents, staged rollouts, rollbacks.
+    Demo(DemoArgs),
     /// Run the control plane (embedded MQTT broker unless --broker), or make API tokens.
     Server {
         /// `token` to make an API token; nothing to run the server.
@@ -278,6 +282,7 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             remote::fleet::events(&filter, args.follow, &args.remote, args.json)
         }
+        Command::Demo(args) => demo::run(&args),
         Command::Server {
             command: Some(ServerCommand::Token { name, role }),
             ..
