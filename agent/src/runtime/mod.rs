@@ -5,6 +5,7 @@
 //! what a packer computes and what an agent checks come from one implementation.
 
 mod onnx_meta;
+pub mod onnxruntime;
 pub mod selftest;
 pub mod text;
 mod tract;
@@ -15,6 +16,7 @@ use flotilla_shared::manifest::{Backend, ModelMeta, Task};
 use flotilla_shared::tensor::{DataType, Tensor, TensorSpec};
 
 pub use onnx_meta::{read_onnx_signature, OnnxSignature};
+pub use onnxruntime::{OrtRuntime, OrtSettings, Provider};
 pub use text::{TextBatch, TextPipeline};
 
 /// Why a model could not be loaded or run.
@@ -42,6 +44,17 @@ pub enum RuntimeError {
     /// The requested backend is not built into or available on this host.
     #[error("backend {0} is not available")]
     BackendUnavailable(Backend),
+    /// The ONNX Runtime library could not be found or started.
+    #[error("onnxruntime is not available: {0}")]
+    OrtUnavailable(String),
+    /// An ONNX Runtime execution provider is missing from the library or failed to start.
+    #[error("execution provider {provider} is not usable: {reason}")]
+    ProviderUnavailable {
+        /// The provider asked for.
+        provider: Provider,
+        /// What ONNX Runtime or the host said.
+        reason: String,
+    },
     /// A request names an input the model does not have.
     #[error("unknown input {name:?}; the model takes {expected}")]
     UnknownInput {
@@ -176,7 +189,15 @@ impl Model {
     pub fn load(dir: &Path, meta: &ModelMeta, backend: Backend) -> Result<Self, RuntimeError> {
         let engine: Box<dyn Engine> = match backend {
             Backend::Tract => Box::new(tract::TractEngine::load(&dir.join(&meta.entry), meta)?),
-            Backend::Ort => return Err(RuntimeError::BackendUnavailable(Backend::Ort)),
+            Backend::Ort => {
+                let runtime = OrtRuntime::init(&OrtSettings::default())?;
+                Box::new(onnxruntime::OrtEngine::load(
+                    runtime,
+                    &dir.join(&meta.entry),
+                    meta,
+                    Provider::Cpu,
+                )?)
+            }
         };
         let text = match &meta.text {
             Some(settings) => Some(TextPipeline::load(dir, meta, settings)?),
@@ -296,7 +317,12 @@ fn check_symbols(specs: &[TensorSpec], inputs: &[Tensor]) -> Result<(), RuntimeE
     Ok(())
 }
 
-/// Backends compiled into this build, in order of preference for CPU hosts.
+/// Backends this process can run, in order of preference for CPU hosts: ONNX Runtime when its
+/// library loads (from the agent's settings if it started ONNX Runtime already, else from
+/// `ORT_DYLIB_PATH`), and tract always.
 pub fn available_backends() -> Vec<Backend> {
-    vec![Backend::Tract]
+    match OrtRuntime::init(&OrtSettings::default()) {
+        Ok(_) => vec![Backend::Ort, Backend::Tract],
+        Err(_) => vec![Backend::Tract],
+    }
 }
