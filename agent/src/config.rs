@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::runtime::{GpuProviders, OrtSettings, Placement, Provider};
 use anyhow::{bail, Context, Result};
 use flotilla_shared::manifest::Backend;
 use flotilla_shared::wire::check_agent_id;
@@ -102,12 +103,49 @@ pub struct ApiConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InferenceConfig {
-    /// Backends the agent may use, in order of preference. Default `["tract"]`.
+    /// Backends the agent may use, in order of preference. Default `["ort", "tract"]`: ONNX
+    /// Runtime when its library is found, else tract.
     #[serde(default = "default_backends")]
     pub backends: Vec<Backend>,
     /// Inferences running at once; more get 429. Default: the number of cores.
     #[serde(default = "default_concurrency")]
     pub max_concurrency: usize,
+    /// The ONNX Runtime shared library (`libonnxruntime.so.*`). Default: the `ORT_DYLIB_PATH`
+    /// environment variable; with neither, models run on tract.
+    pub onnxruntime_library: Option<PathBuf>,
+    /// Threads in ONNX Runtime's one intra-op pool, shared by every loaded model; its threads
+    /// never spin. Default 0: one per core.
+    #[serde(default)]
+    pub intra_op_threads: usize,
+    /// GPU execution providers to try before the CPU, in order: `"tensorrt"`, `"cuda"`.
+    /// Default: on a host with an NVIDIA GPU, TensorRT then CUDA, each if the library has it.
+    /// A provider listed here that cannot run is reported as a degradation.
+    pub gpu_providers: Option<Vec<Provider>>,
+    /// Seconds before a backend that failed is tried again. Default 300.
+    #[serde(default = "default_retry_secs")]
+    pub retry_secs: u64,
+}
+
+impl InferenceConfig {
+    /// Where models may run, as the runtime takes it.
+    pub fn placement(&self) -> Placement {
+        Placement {
+            gpu_providers: match &self.gpu_providers {
+                Some(list) => GpuProviders::Listed(list.clone()),
+                None => GpuProviders::Auto,
+            },
+            ort: OrtSettings {
+                library: self.onnxruntime_library.clone(),
+                intra_op_threads: self.intra_op_threads,
+            },
+            ..Placement::new(self.backends.clone())
+        }
+    }
+
+    /// How long a failed backend waits before it is tried again.
+    pub fn retry_after(&self) -> Duration {
+        Duration::from_secs(self.retry_secs)
+    }
 }
 
 fn default_agent_id() -> String {
@@ -139,7 +177,10 @@ fn default_max_items() -> usize {
     64
 }
 fn default_backends() -> Vec<Backend> {
-    vec![Backend::Tract]
+    vec![Backend::Ort, Backend::Tract]
+}
+fn default_retry_secs() -> u64 {
+    300
 }
 fn default_concurrency() -> usize {
     std::thread::available_parallelism()
@@ -192,6 +233,10 @@ impl Default for InferenceConfig {
         Self {
             backends: default_backends(),
             max_concurrency: default_concurrency(),
+            onnxruntime_library: None,
+            intra_op_threads: 0,
+            gpu_providers: None,
+            retry_secs: default_retry_secs(),
         }
     }
 }
@@ -227,6 +272,7 @@ impl AgentConfig {
             &mut self.broker.ca_file,
             &mut self.broker.client_cert,
             &mut self.broker.client_key,
+            &mut self.inference.onnxruntime_library,
         ]
         .into_iter()
         .flatten()
@@ -289,7 +335,31 @@ mod tests {
             1,
             "section defaults match field defaults"
         );
-        assert_eq!(c.inference.backends, vec![Backend::Tract]);
+        assert_eq!(c.inference.backends, vec![Backend::Ort, Backend::Tract]);
+        assert_eq!(c.inference.retry_secs, 300);
+        assert_eq!(c.inference.gpu_providers, None);
+    }
+
+    #[test]
+    fn gpu_providers_and_the_library_path_reach_the_placement() {
+        let c: AgentConfig = toml::from_str(
+            "[inference]\ngpu_providers = [\"tensorrt\", \"cuda\"]\n\
+             onnxruntime_library = \"/opt/ort/libonnxruntime.so\"\nintra_op_threads = 3",
+        )
+        .unwrap();
+        let placement = c.inference.placement();
+        assert_eq!(
+            placement.gpu_providers,
+            GpuProviders::Listed(vec![Provider::TensorRt, Provider::Cuda])
+        );
+        assert_eq!(placement.ort.intra_op_threads, 3);
+        assert_eq!(
+            placement.ort.library.as_deref(),
+            Some(Path::new("/opt/ort/libonnxruntime.so"))
+        );
+        let err =
+            toml::from_str::<AgentConfig>("[inference]\ngpu_providers = [\"rocm\"]").unwrap_err();
+        assert!(err.to_string().contains("unknown variant `rocm`"), "{err}");
     }
 
     #[test]

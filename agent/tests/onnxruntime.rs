@@ -1,7 +1,9 @@
 //! The ONNX Runtime backend on the real library and the committed models: parity with tract
 //! and with the Python reference outputs, provider detection, and load failures.
 
-use flotilla_agent::runtime::{Model, RuntimeError};
+use flotilla_agent::runtime::{
+    EngineInfo, GpuProviders, Model, Placement, Provider, RuntimeError, Target,
+};
 use flotilla_shared::manifest::{Backend, ModelMeta, Truncation};
 use flotilla_shared::tensor::Tensor;
 use serde_json::Value;
@@ -145,4 +147,84 @@ fn minilm_agrees_on_both_backends_when_built() {
     let from_ort = ort.run_texts(&texts()).unwrap();
     let from_tract = tract.run_texts(&texts()).unwrap();
     assert_close("minilm", &[from_ort], &[from_tract]);
+}
+
+#[test]
+fn cuda_asked_of_the_cpu_only_library_is_detected_and_reported_as_degraded_to_cpu() {
+    let Some(runtime) = onnxruntime::runtime() else {
+        return;
+    };
+    assert!(
+        !runtime.has_provider(Provider::Cuda),
+        "the PyPI onnxruntime wheel is CPU-only"
+    );
+    let both = [Backend::Ort, Backend::Tract];
+    let placement = Placement {
+        backends: both.to_vec(),
+        gpu_providers: GpuProviders::Listed(vec![Provider::Cuda]),
+        ort: Default::default(),
+        host_gpu: false,
+    };
+    let targets = placement.targets(&both);
+    assert_eq!(
+        targets,
+        [
+            Target::Ort(Provider::Cuda),
+            Target::Ort(Provider::Cpu),
+            Target::Tract
+        ]
+    );
+
+    let name = "tiny-bert-embed";
+    let meta = meta(name, Truncation::Truncate, 128);
+    let model = Model::load_on(&models().join(name), &meta, targets, &placement.ort).unwrap();
+    assert_eq!(
+        model.info(),
+        EngineInfo {
+            backend: Backend::Ort,
+            provider: "cpu".into()
+        },
+        "the provider actually running is reported, not the one asked for"
+    );
+    let cause = model
+        .degradation()
+        .expect("running below the asked-for provider");
+    assert!(cause.contains("ort/cuda"), "{cause}");
+    assert!(cause.contains("CUDAExecutionProvider"), "{cause}");
+    assert!(cause.ends_with("running on ort/cpu"), "{cause}");
+
+    // It answers exactly as a model loaded on the CPU provider from the start.
+    let plain = load(name, &meta, Backend::Ort).unwrap();
+    assert!(plain.degradation().is_none());
+    let diff = model
+        .run_texts(&texts())
+        .unwrap()
+        .max_abs_diff(&plain.run_texts(&texts()).unwrap())
+        .unwrap();
+    assert_eq!(diff, 0.0);
+}
+
+#[test]
+fn automatic_gpu_providers_on_a_host_without_a_gpu_are_not_a_degradation() {
+    if onnxruntime::runtime().is_none() {
+        return;
+    }
+    let both = [Backend::Ort, Backend::Tract];
+    let placement = Placement {
+        host_gpu: false,
+        ..Placement::new(both.to_vec())
+    };
+    assert_eq!(
+        placement.targets(&both),
+        [Target::Ort(Provider::Cpu), Target::Tract]
+    );
+    // A GPU host whose library lacks every GPU provider gets no GPU targets either.
+    let gpu_host = Placement {
+        host_gpu: true,
+        ..placement
+    };
+    assert_eq!(
+        gpu_host.targets(&both),
+        [Target::Ort(Provider::Cpu), Target::Tract]
+    );
 }

@@ -97,6 +97,9 @@ pub fn router(state: ApiState) -> Router {
 
 /// `GET /metrics`.
 async fn metrics(State(state): State<ApiState>) -> Response {
+    if let Some(model) = state.slot.current() {
+        state.metrics.observe_engine(&model);
+    }
     let mut response = state.metrics.render().into_response();
     response
         .headers_mut()

@@ -83,21 +83,29 @@ pub struct OrtRuntime {
     library: PathBuf,
 }
 
-static RUNTIME: OnceLock<Result<OrtRuntime, String>> = OnceLock::new();
+static RUNTIME: OnceLock<OrtRuntime> = OnceLock::new();
+/// Serialises start attempts; a failed one is not remembered, so a library installed later
+/// is picked up by the next attempt.
+static STARTING: Mutex<()> = Mutex::new(());
 
 impl OrtRuntime {
-    /// Loads the library and builds the environment, once per process: later calls return the
-    /// first outcome whatever their settings (ONNX Runtime allows one environment per process).
+    /// Loads the library and builds the environment. Once it has succeeded, later calls return
+    /// that runtime whatever their settings (ONNX Runtime allows one environment per process).
     pub fn init(settings: &OrtSettings) -> Result<&'static OrtRuntime, RuntimeError> {
-        RUNTIME
-            .get_or_init(|| Self::load(settings))
-            .as_ref()
-            .map_err(|reason| RuntimeError::OrtUnavailable(reason.clone()))
+        if let Some(runtime) = RUNTIME.get() {
+            return Ok(runtime);
+        }
+        let _starting = STARTING.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(runtime) = RUNTIME.get() {
+            return Ok(runtime);
+        }
+        let runtime = Self::load(settings).map_err(RuntimeError::OrtUnavailable)?;
+        Ok(RUNTIME.get_or_init(|| runtime))
     }
 
     /// The runtime if [`OrtRuntime::init`] succeeded earlier in this process.
     pub fn get() -> Option<&'static OrtRuntime> {
-        RUNTIME.get().and_then(|r| r.as_ref().ok())
+        RUNTIME.get()
     }
 
     /// The shared library in use.
@@ -116,27 +124,8 @@ impl OrtRuntime {
     }
 
     fn load(settings: &OrtSettings) -> Result<OrtRuntime, String> {
-        let library = settings
-            .library
-            .clone()
-            .or_else(|| {
-                std::env::var_os(LIBRARY_ENV)
-                    .filter(|v| !v.is_empty())
-                    .map(PathBuf::from)
-            })
-            .ok_or_else(|| {
-                format!(
-                    "no onnxruntime library configured (set inference.onnxruntime.library or \
-                     {LIBRARY_ENV})"
-                )
-            })?;
-        // Checked here so a missing file is a plain message, not a loader error.
-        if !library.is_file() {
-            return Err(format!(
-                "onnxruntime library {} does not exist",
-                library.display()
-            ));
-        }
+        let from_env = std::env::var_os(LIBRARY_ENV).map(PathBuf::from);
+        let library = resolve_library(settings.library.as_deref(), from_env.as_deref())?;
 
         // Loading comes first: every other call into ort needs the library.
         let builder = ort::init_from(&library)
@@ -156,6 +145,25 @@ impl OrtRuntime {
             .map_err(|e| format!("cannot start onnxruntime: {e}"))?;
         Ok(OrtRuntime { env, library })
     }
+}
+
+/// The configured library, else the environment's; checked to exist so that a missing file
+/// is a plain message rather than a loader error.
+fn resolve_library(configured: Option<&Path>, from_env: Option<&Path>) -> Result<PathBuf, String> {
+    let from_env = from_env.filter(|p| !p.as_os_str().is_empty());
+    let Some(library) = configured.or(from_env) else {
+        return Err(format!(
+            "no onnxruntime library configured (set inference.onnxruntime_library or \
+             {LIBRARY_ENV})"
+        ));
+    };
+    if !library.is_file() {
+        return Err(format!(
+            "onnxruntime library {} does not exist",
+            library.display()
+        ));
+    }
+    Ok(library.to_owned())
 }
 
 /// A model in an ONNX Runtime session on one execution provider.
@@ -342,4 +350,33 @@ fn from_ort(name: &str, value: &DynValue) -> Result<WireTensor, RuntimeError> {
     }
     .map_err(|e| out_err(e.to_string()))?;
     WireTensor::new(name, shape, data).map_err(|e| out_err(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_configured_library_wins_over_the_environment_and_must_exist() {
+        let here = Path::new(file!())
+            .canonicalize()
+            .unwrap_or_else(|_| PathBuf::from(file!()));
+        let present = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        assert_eq!(
+            resolve_library(Some(&present), Some(&here)).unwrap(),
+            present
+        );
+        assert_eq!(resolve_library(None, Some(&present)).unwrap(), present);
+
+        let missing = Path::new("/nonexistent/libonnxruntime.so");
+        let err = resolve_library(Some(missing), Some(&present)).unwrap_err();
+        assert!(
+            err.contains("/nonexistent/libonnxruntime.so does not exist"),
+            "{err}"
+        );
+        for env in [None, Some(Path::new(""))] {
+            let err = resolve_library(None, env).unwrap_err();
+            assert!(err.contains("ORT_DYLIB_PATH"), "{err}");
+        }
+    }
 }
