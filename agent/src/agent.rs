@@ -553,11 +553,7 @@ impl ApiServer {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
-        let state = crate::api::ApiState {
-            slot,
-            metrics,
-            config: config.clone(),
-        };
+        let state = crate::api::ApiState::new(slot, metrics, config.clone());
         let app = crate::api::router(state);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = AbortOnDrop(tokio::spawn(

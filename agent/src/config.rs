@@ -97,6 +97,30 @@ pub struct ApiConfig {
     /// Most texts or rows in one request. Default 64.
     #[serde(default = "default_max_items")]
     pub max_batch_items: usize,
+    /// Dynamic batching of the text endpoints.
+    #[serde(default)]
+    pub batching: BatchingConfig,
+}
+
+/// `[api.batching]`: how concurrent `/v1/embed`, `/v1/classify` and `/v1/embeddings` requests
+/// are run together.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingConfig {
+    /// Whether to batch at all; off, each request runs alone. Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Most tokens in one batch, padding included (texts × widest text). Default 8192.
+    #[serde(default = "default_max_batch_tokens")]
+    pub max_batch_tokens: usize,
+    /// Longest a forming batch waits for requests still being tokenised, in milliseconds; a
+    /// request with nothing else on its way never waits. Default 2.
+    #[serde(default = "default_max_wait_ms")]
+    pub max_wait_ms: u64,
+    /// Requests queued or being tokenised at once; more get 429 with `Retry-After`.
+    /// Default 256.
+    #[serde(default = "default_max_queue")]
+    pub max_queue: usize,
 }
 
 /// `[inference]`.
@@ -176,6 +200,18 @@ fn default_max_body() -> usize {
 fn default_max_items() -> usize {
     64
 }
+fn default_true() -> bool {
+    true
+}
+fn default_max_batch_tokens() -> usize {
+    8192
+}
+fn default_max_wait_ms() -> u64 {
+    2
+}
+fn default_max_queue() -> usize {
+    256
+}
 fn default_backends() -> Vec<Backend> {
     vec![Backend::Ort, Backend::Tract]
 }
@@ -224,6 +260,18 @@ impl Default for ApiConfig {
             listen: default_listen(),
             max_body_bytes: default_max_body(),
             max_batch_items: default_max_items(),
+            batching: BatchingConfig::default(),
+        }
+    }
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_batch_tokens: default_max_batch_tokens(),
+            max_wait_ms: default_max_wait_ms(),
+            max_queue: default_max_queue(),
         }
     }
 }
@@ -287,6 +335,9 @@ impl AgentConfig {
         if self.heartbeat_secs == 0 {
             bail!("heartbeat_secs must be at least 1");
         }
+        if self.api.batching.max_batch_tokens == 0 || self.api.batching.max_queue == 0 {
+            bail!("api.batching.max_batch_tokens and max_queue must be at least 1");
+        }
         if self.inference.backends.is_empty() {
             bail!("inference.backends lists no backend");
         }
@@ -337,6 +388,9 @@ mod tests {
         );
         assert_eq!(c.inference.backends, vec![Backend::Ort, Backend::Tract]);
         assert_eq!(c.inference.retry_secs, 300);
+        assert_eq!(c.api.batching, BatchingConfig::default());
+        assert!(c.api.batching.enabled);
+        assert_eq!(c.api.batching.max_wait_ms, 2);
         assert_eq!(c.inference.gpu_providers, None);
     }
 
