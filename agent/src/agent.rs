@@ -73,6 +73,8 @@ struct Shared {
     outbox: Outbox,
     link: LinkHandle,
     started: Instant,
+    /// The degradation last reported in an event, so each cause is reported once.
+    reported_degradation: std::sync::Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -138,7 +140,8 @@ pub async fn run(
     config.validate()?;
     let trust = load_trust(&config)?;
     let store = Store::open(&config.data_dir)?;
-    let installer = Installer::new(store.clone(), trust, config.inference.backends.clone());
+    let installer = Installer::new(store.clone(), trust, config.inference.backends.clone())
+        .with_placement(config.inference.placement());
     let slot = Arc::new(ModelSlot::new(config.inference.max_concurrency));
     let metrics = Arc::new(Metrics::new());
 
@@ -154,7 +157,8 @@ pub async fn run(
 
     let api = ApiServer::start(&config.api, slot.clone(), metrics.clone()).await?;
 
-    let link = start_link(&config, &store, &slot)?;
+    let backends = installer.placement().available_backends();
+    let link = start_link(&config, &store, &slot, backends)?;
     let (mut incoming, link) = link;
     let outbox = Outbox::open(store.tree("outbox")?, &config.id, config.outbox_capacity)?;
     let delivery = AbortOnDrop(outbox.spawn_delivery(link.clone()));
@@ -167,6 +171,7 @@ pub async fn run(
         outbox,
         link,
         started: Instant::now(),
+        reported_degradation: std::sync::Mutex::new(None),
     });
     shared.event(
         None,
@@ -221,10 +226,10 @@ fn start_link(
     config: &AgentConfig,
     store: &Store,
     slot: &Arc<ModelSlot>,
+    backends: Vec<flotilla_shared::manifest::Backend>,
 ) -> Result<(mpsc::Receiver<Incoming>, LinkHandle)> {
     let id = config.id.clone();
     let labels = config.labels.clone();
-    let backends = config.inference.backends.clone();
     let birth_slot = slot.clone();
     let birth_id = id.clone();
     let birth = Arc::new(move |session: u64| {
@@ -247,12 +252,42 @@ fn start_link(
     Ok((incoming, handle))
 }
 
+/// Reports a new degradation of the served model as a `degraded` event (once per cause) and,
+/// while degraded, tries the better backend again in the background once it is due.
+fn check_degradation(shared: &Shared) -> Option<String> {
+    let model = shared.slot.current()?;
+    let cause = model.model.degradation();
+    let mut reported = shared
+        .reported_degradation
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if cause.is_some() && *reported != cause {
+        let cause = cause.clone().unwrap_or_default();
+        warn!(model = %model.manifest.id(), %cause, "serving degraded");
+        shared.event(None, Some(model.digest), EventKind::Degraded { cause });
+    }
+    reported.clone_from(&cause);
+    drop(reported);
+
+    if cause.is_some() {
+        let after = shared.config.inference.retry_after();
+        let span = info_span!("engine_retry", model = %model.manifest.id());
+        // Loading an engine is slow and blocking; the ladder lets one retry run at a time.
+        tokio::task::spawn_blocking(move || {
+            let _span = span.entered();
+            model.model.engines().retry(after)
+        });
+    }
+    cause
+}
+
 fn send_heartbeat(shared: &Shared, sampler: &mut ProcessSampler) {
+    let degradation = check_degradation(shared);
     let active = shared.slot.current().map(|m| m.active());
-    let health = if active.is_some() {
-        Health::Ok
-    } else {
-        Health::NoModel
+    let health = match (&active, degradation) {
+        (None, _) => Health::NoModel,
+        (Some(_), Some(cause)) => Health::Degraded { cause },
+        (Some(_), None) => Health::Ok,
     };
     let heartbeat = Heartbeat {
         session: shared.link.session(),
@@ -486,6 +521,7 @@ async fn install(
         version: m.version.to_string(),
     };
     shared.event(rollout, Some(digest), kind);
+    check_degradation(shared);
     Ok(())
 }
 
@@ -517,11 +553,7 @@ impl ApiServer {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
-        let state = crate::api::ApiState {
-            slot,
-            metrics,
-            config: config.clone(),
-        };
+        let state = crate::api::ApiState::new(slot, metrics, config.clone());
         let app = crate::api::router(state);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = AbortOnDrop(tokio::spawn(

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::runtime::{GpuProviders, OrtSettings, Placement, Provider};
 use anyhow::{bail, Context, Result};
 use flotilla_shared::manifest::Backend;
 use flotilla_shared::wire::check_agent_id;
@@ -96,18 +97,79 @@ pub struct ApiConfig {
     /// Most texts or rows in one request. Default 64.
     #[serde(default = "default_max_items")]
     pub max_batch_items: usize,
+    /// Dynamic batching of the text endpoints.
+    #[serde(default)]
+    pub batching: BatchingConfig,
+}
+
+/// `[api.batching]`: how concurrent `/v1/embed`, `/v1/classify` and `/v1/embeddings` requests
+/// are run together.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingConfig {
+    /// Whether to batch at all; off, each request runs alone. Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Most tokens in one batch, padding included (texts × widest text). Default 8192.
+    #[serde(default = "default_max_batch_tokens")]
+    pub max_batch_tokens: usize,
+    /// Longest a forming batch waits for requests still being tokenised, in milliseconds; a
+    /// request with nothing else on its way never waits. Default 2.
+    #[serde(default = "default_max_wait_ms")]
+    pub max_wait_ms: u64,
+    /// Requests queued or being tokenised at once; more get 429 with `Retry-After`.
+    /// Default 256.
+    #[serde(default = "default_max_queue")]
+    pub max_queue: usize,
 }
 
 /// `[inference]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InferenceConfig {
-    /// Backends the agent may use, in order of preference. Default `["tract"]`.
+    /// Backends the agent may use, in order of preference. Default `["ort", "tract"]`: ONNX
+    /// Runtime when its library is found, else tract.
     #[serde(default = "default_backends")]
     pub backends: Vec<Backend>,
     /// Inferences running at once; more get 429. Default: the number of cores.
     #[serde(default = "default_concurrency")]
     pub max_concurrency: usize,
+    /// The ONNX Runtime shared library (`libonnxruntime.so.*`). Default: the `ORT_DYLIB_PATH`
+    /// environment variable; with neither, models run on tract.
+    pub onnxruntime_library: Option<PathBuf>,
+    /// Threads in ONNX Runtime's one intra-op pool, shared by every loaded model; its threads
+    /// never spin. Default 0: one per core.
+    #[serde(default)]
+    pub intra_op_threads: usize,
+    /// GPU execution providers to try before the CPU, in order: `"tensorrt"`, `"cuda"`.
+    /// Default: on a host with an NVIDIA GPU, TensorRT then CUDA, each if the library has it.
+    /// A provider listed here that cannot run is reported as a degradation.
+    pub gpu_providers: Option<Vec<Provider>>,
+    /// Seconds before a backend that failed is tried again. Default 300.
+    #[serde(default = "default_retry_secs")]
+    pub retry_secs: u64,
+}
+
+impl InferenceConfig {
+    /// Where models may run, as the runtime takes it.
+    pub fn placement(&self) -> Placement {
+        Placement {
+            gpu_providers: match &self.gpu_providers {
+                Some(list) => GpuProviders::Listed(list.clone()),
+                None => GpuProviders::Auto,
+            },
+            ort: OrtSettings {
+                library: self.onnxruntime_library.clone(),
+                intra_op_threads: self.intra_op_threads,
+            },
+            ..Placement::new(self.backends.clone())
+        }
+    }
+
+    /// How long a failed backend waits before it is tried again.
+    pub fn retry_after(&self) -> Duration {
+        Duration::from_secs(self.retry_secs)
+    }
 }
 
 fn default_agent_id() -> String {
@@ -138,8 +200,23 @@ fn default_max_body() -> usize {
 fn default_max_items() -> usize {
     64
 }
+fn default_true() -> bool {
+    true
+}
+fn default_max_batch_tokens() -> usize {
+    8192
+}
+fn default_max_wait_ms() -> u64 {
+    2
+}
+fn default_max_queue() -> usize {
+    256
+}
 fn default_backends() -> Vec<Backend> {
-    vec![Backend::Tract]
+    vec![Backend::Ort, Backend::Tract]
+}
+fn default_retry_secs() -> u64 {
+    300
 }
 fn default_concurrency() -> usize {
     std::thread::available_parallelism()
@@ -183,6 +260,18 @@ impl Default for ApiConfig {
             listen: default_listen(),
             max_body_bytes: default_max_body(),
             max_batch_items: default_max_items(),
+            batching: BatchingConfig::default(),
+        }
+    }
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_batch_tokens: default_max_batch_tokens(),
+            max_wait_ms: default_max_wait_ms(),
+            max_queue: default_max_queue(),
         }
     }
 }
@@ -192,6 +281,10 @@ impl Default for InferenceConfig {
         Self {
             backends: default_backends(),
             max_concurrency: default_concurrency(),
+            onnxruntime_library: None,
+            intra_op_threads: 0,
+            gpu_providers: None,
+            retry_secs: default_retry_secs(),
         }
     }
 }
@@ -227,6 +320,7 @@ impl AgentConfig {
             &mut self.broker.ca_file,
             &mut self.broker.client_cert,
             &mut self.broker.client_key,
+            &mut self.inference.onnxruntime_library,
         ]
         .into_iter()
         .flatten()
@@ -240,6 +334,9 @@ impl AgentConfig {
         check_agent_id(&self.id).map_err(anyhow::Error::msg)?;
         if self.heartbeat_secs == 0 {
             bail!("heartbeat_secs must be at least 1");
+        }
+        if self.api.batching.max_batch_tokens == 0 || self.api.batching.max_queue == 0 {
+            bail!("api.batching.max_batch_tokens and max_queue must be at least 1");
         }
         if self.inference.backends.is_empty() {
             bail!("inference.backends lists no backend");
@@ -289,7 +386,34 @@ mod tests {
             1,
             "section defaults match field defaults"
         );
-        assert_eq!(c.inference.backends, vec![Backend::Tract]);
+        assert_eq!(c.inference.backends, vec![Backend::Ort, Backend::Tract]);
+        assert_eq!(c.inference.retry_secs, 300);
+        assert_eq!(c.api.batching, BatchingConfig::default());
+        assert!(c.api.batching.enabled);
+        assert_eq!(c.api.batching.max_wait_ms, 2);
+        assert_eq!(c.inference.gpu_providers, None);
+    }
+
+    #[test]
+    fn gpu_providers_and_the_library_path_reach_the_placement() {
+        let c: AgentConfig = toml::from_str(
+            "[inference]\ngpu_providers = [\"tensorrt\", \"cuda\"]\n\
+             onnxruntime_library = \"/opt/ort/libonnxruntime.so\"\nintra_op_threads = 3",
+        )
+        .unwrap();
+        let placement = c.inference.placement();
+        assert_eq!(
+            placement.gpu_providers,
+            GpuProviders::Listed(vec![Provider::TensorRt, Provider::Cuda])
+        );
+        assert_eq!(placement.ort.intra_op_threads, 3);
+        assert_eq!(
+            placement.ort.library.as_deref(),
+            Some(Path::new("/opt/ort/libonnxruntime.so"))
+        );
+        let err =
+            toml::from_str::<AgentConfig>("[inference]\ngpu_providers = [\"rocm\"]").unwrap_err();
+        assert!(err.to_string().contains("unknown variant `rocm`"), "{err}");
     }
 
     #[test]

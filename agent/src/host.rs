@@ -18,6 +18,11 @@ const CLOCK_TICKS_PER_SEC: f64 = 100.0;
 /// Files whose presence means an NVIDIA driver and device are there.
 const GPU_MARKERS: [&str; 2] = ["/dev/nvidia0", "/proc/driver/nvidia/version"];
 
+/// Whether an NVIDIA driver and device are present.
+pub fn has_gpu() -> bool {
+    GPU_MARKERS.iter().any(|marker| Path::new(marker).exists())
+}
+
 /// What this host and agent can do, for the birth message. Values that cannot be read are
 /// reported as zero (memory) or one (cores) rather than failing the connection.
 pub fn capabilities(backends: Vec<Backend>) -> Capabilities {
@@ -33,7 +38,7 @@ pub fn capabilities(backends: Vec<Backend>) -> Capabilities {
         architecture: std::env::consts::ARCH.to_owned(),
         cores,
         memory_bytes,
-        gpu: GPU_MARKERS.iter().any(|marker| Path::new(marker).exists()),
+        gpu: has_gpu(),
         backends,
         agent_version: crate::agent_version().to_string(),
     }

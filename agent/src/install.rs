@@ -19,7 +19,7 @@ use flotilla_shared::manifest::{Backend, Manifest};
 use flotilla_shared::{Bundle, HostProfile, PublicKey, Sha256Digest, VerifiedBundle, Verifier};
 use tracing::{info, warn};
 
-use crate::runtime::{available_backends, selftest, Model};
+use crate::runtime::{selftest, Model, Placement};
 use crate::serving::{ModelSlot, ServedModel};
 use crate::store::Store;
 
@@ -86,7 +86,7 @@ pub struct Trust {
 pub struct Installer {
     store: Store,
     trust: Arc<Trust>,
-    backends: Vec<Backend>,
+    placement: Placement,
 }
 
 /// A bundle that passed its self-tests and is ready to switch to.
@@ -115,13 +115,25 @@ fn now() -> u64 {
 }
 
 impl Installer {
-    /// An installer using `backends` in order of preference.
+    /// An installer using `backends` in order of preference, with automatic GPU providers and
+    /// ONNX Runtime from `ORT_DYLIB_PATH`.
     pub fn new(store: Store, trust: Trust, backends: Vec<Backend>) -> Self {
         Self {
             store,
             trust: Arc::new(trust),
-            backends,
+            placement: Placement::new(backends),
         }
+    }
+
+    /// Uses `placement` to choose where models run.
+    pub fn with_placement(mut self, placement: Placement) -> Self {
+        self.placement = placement;
+        self
+    }
+
+    /// Where models may run.
+    pub fn placement(&self) -> &Placement {
+        &self.placement
     }
 
     /// The trust configuration.
@@ -145,12 +157,7 @@ impl Installer {
     }
 
     fn usable_backends(&self) -> Vec<Backend> {
-        let built = available_backends();
-        self.backends
-            .iter()
-            .copied()
-            .filter(|b| built.contains(b))
-            .collect()
+        self.placement.available_backends()
     }
 
     fn verifier(&self, now: u64) -> Result<Verifier, InstallError> {
@@ -268,14 +275,16 @@ impl Installer {
 
     fn load(&self, verified: &VerifiedBundle, dir: &Path) -> Result<ServedModel, InstallError> {
         let allowed = &verified.manifest.requirements.backends;
-        let backend = self
-            .usable_backends()
-            .into_iter()
-            .find(|b| allowed.contains(b))
-            .ok_or_else(|| InstallError::at(Stage::Stage, "no usable backend"))?;
+        let targets = self.placement.targets(allowed);
+        if targets.is_empty() {
+            return Err(InstallError::at(Stage::Stage, "no usable backend"));
+        }
         let started = Instant::now();
-        let model = Model::load(dir, &verified.manifest.model, backend)
+        let model = Model::load_on(dir, &verified.manifest.model, targets, &self.placement.ort)
             .map_err(|e| InstallError::at(Stage::Stage, e))?;
+        if let Some(cause) = model.degradation() {
+            warn!(digest = %verified.digest.short(), %cause, "model loaded on a fallback backend");
+        }
         Ok(ServedModel {
             model,
             manifest: verified.manifest.clone(),

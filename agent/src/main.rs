@@ -150,11 +150,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
         threshold: args.threshold,
         control_plane: None,
     };
+    let placement = flotilla_agent::config::InferenceConfig::default().placement();
     let installer = Installer::new(
         Store::open(scratch.path())?,
         trust,
-        vec![flotilla_shared::manifest::Backend::Tract],
-    );
+        placement.backends.clone(),
+    )
+    .with_placement(placement);
 
     let staged = tokio::task::spawn_blocking(move || {
         let verified = installer.verify_new(&bytes)?;

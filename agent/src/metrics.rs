@@ -79,6 +79,14 @@ struct EndpointLabels {
     status: u16,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EngineLabels {
+    model: String,
+    version: String,
+    backend: String,
+    provider: String,
+}
+
 type LatencyFamily = Family<VersionLabels, Histogram, fn() -> Histogram>;
 
 /// Per-version counters for heartbeats, in the order versions were first seen.
@@ -129,6 +137,8 @@ pub struct Metrics {
     load_time: Family<VersionLabels, Gauge<f64, AtomicU64>>,
     self_test: Family<VersionLabels, Gauge>,
     responses: Family<EndpointLabels, Counter>,
+    engine: Family<EngineLabels, Gauge>,
+    degraded: Family<VersionLabels, Gauge>,
     book: Mutex<VersionBook>,
 }
 
@@ -152,6 +162,8 @@ impl Metrics {
         let load_time = Family::<VersionLabels, Gauge<f64, AtomicU64>>::default();
         let self_test = Family::<VersionLabels, Gauge>::default();
         let responses = Family::<EndpointLabels, Counter>::default();
+        let engine = Family::<EngineLabels, Gauge>::default();
+        let degraded = Family::<VersionLabels, Gauge>::default();
 
         let mut registry = Registry::default();
         registry.register(
@@ -189,6 +201,16 @@ impl Metrics {
             "HTTP responses by route template and status code",
             responses.clone(),
         );
+        registry.register(
+            "flotilla_model_engine",
+            "The backend and execution provider actually running the served model (always 1)",
+            engine.clone(),
+        );
+        registry.register(
+            "flotilla_model_degraded",
+            "Whether the served model runs on a fallback backend (1) or its best one (0)",
+            degraded.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector));
 
         Self {
@@ -200,6 +222,8 @@ impl Metrics {
             load_time,
             self_test,
             responses,
+            engine,
+            degraded,
             book: Mutex::new(VersionBook::default()),
         }
     }
@@ -256,6 +280,27 @@ impl Metrics {
                 status,
             })
             .inc();
+    }
+
+    /// Records which engine runs `model` now and whether that is a fallback; the series of
+    /// models no longer served are dropped.
+    pub fn observe_engine(&self, model: &ServedModel) {
+        let info = model.model.info();
+        let labels = version_labels(model);
+        self.engine.clear();
+        self.engine
+            .get_or_create(&EngineLabels {
+                model: labels.model.clone(),
+                version: labels.version.clone(),
+                backend: info.backend.to_string(),
+                provider: info.provider,
+            })
+            .set(1);
+        self.degraded.clear();
+        let degraded = model.model.degradation().is_some();
+        self.degraded
+            .get_or_create(&labels)
+            .set(i64::from(degraded));
     }
 
     /// Records that `model` finished loading; its version appears in snapshots from now on.

@@ -105,6 +105,11 @@ impl ModelSlot {
     /// Takes the current model and an inference slot without waiting.
     pub fn try_lease(&self) -> Result<Lease, AcquireError> {
         let model = self.current().ok_or(AcquireError::NoModel)?;
+        self.lease(model)
+    }
+
+    /// Takes an inference slot for `model` without waiting.
+    pub fn lease(&self, model: Arc<ServedModel>) -> Result<Lease, AcquireError> {
         let permit = self
             .permits
             .clone()

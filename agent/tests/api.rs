@@ -12,7 +12,7 @@ use axum::Router;
 use base64::Engine as _;
 use bytes::Bytes;
 use flotilla_agent::api::{router, ApiState};
-use flotilla_agent::config::ApiConfig;
+use flotilla_agent::config::{ApiConfig, BatchingConfig};
 use flotilla_agent::metrics::Metrics;
 use flotilla_agent::runtime::Model;
 use flotilla_agent::serving::{ModelSlot, ServedModel};
@@ -75,6 +75,7 @@ fn served(model: &str) -> Arc<ServedModel> {
 struct Harness {
     slot: Arc<ModelSlot>,
     metrics: Arc<Metrics>,
+    state: ApiState,
     app: Router,
 }
 
@@ -82,12 +83,14 @@ impl Harness {
     fn empty(config: ApiConfig, max_concurrency: usize) -> Self {
         let slot = Arc::new(ModelSlot::new(max_concurrency));
         let metrics = Arc::new(Metrics::new());
-        let app = router(ApiState {
-            slot: slot.clone(),
-            metrics: metrics.clone(),
-            config,
-        });
-        Self { slot, metrics, app }
+        let state = ApiState::new(slot.clone(), metrics.clone(), config);
+        let app = router(state.clone());
+        Self {
+            slot,
+            metrics,
+            state,
+            app,
+        }
     }
 
     fn serving(model: &str) -> Self {
@@ -544,7 +547,14 @@ async fn batches_over_the_item_limit_are_413() {
 
 #[tokio::test]
 async fn exhausted_inference_slots_give_429_with_retry_after() {
-    let harness = Harness::empty(ApiConfig::default(), 1);
+    let unbatched = ApiConfig {
+        batching: BatchingConfig {
+            enabled: false,
+            ..BatchingConfig::default()
+        },
+        ..ApiConfig::default()
+    };
+    let harness = Harness::empty(unbatched, 1);
     harness.slot.activate(served("tiny-bert-embed"));
     let held = harness.slot.try_lease().unwrap();
 
@@ -1313,4 +1323,137 @@ async fn binary_requests_with_inconsistent_lengths_are_400() {
         StatusCode::BAD_REQUEST,
         "has no inference-header-content-length header",
     );
+}
+
+fn embeddings(reply: &Reply) -> Vec<Vec<f32>> {
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    serde_json::from_value(reply.json()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_run_as_one_batch_and_match_one_at_a_time() {
+    let config = ApiConfig {
+        batching: BatchingConfig {
+            // Never reached: the batch closes when the last admitted request is queued.
+            max_wait_ms: 3_600_000,
+            ..BatchingConfig::default()
+        },
+        ..ApiConfig::default()
+    };
+    let harness = Arc::new(Harness::empty(config, 2));
+    let model = served("tiny-bert-embed");
+    harness.slot.activate(model.clone());
+    let requests: Vec<Vec<String>> = (0..12)
+        .map(|i| {
+            (0..1 + i % 3)
+                .map(|j| format!("request {i} text {j} {}", "word ".repeat(i * j)))
+                .collect()
+        })
+        .collect();
+    let total: usize = requests.iter().map(Vec::len).sum();
+
+    // Hold the batch open (as a request still tokenising would) until every request queued.
+    let plug = harness.state.batcher.admit().unwrap();
+    let tasks: Vec<_> = requests
+        .iter()
+        .map(|texts| {
+            let (harness, body) = (harness.clone(), json!({ "inputs": texts }));
+            tokio::spawn(async move { harness.post("/v1/embed", body).await })
+        })
+        .collect();
+    while harness.state.batcher.waiting() < requests.len() {
+        tokio::task::yield_now().await;
+    }
+    drop(plug);
+
+    for (texts, task) in requests.iter().zip(tasks) {
+        let reply = task.await.unwrap();
+        assert_eq!(
+            reply.headers["x-flotilla-batch-size"],
+            total.to_string().as_str()
+        );
+        for name in ["x-queue-time", "x-tokenization-time", "x-inference-time"] {
+            let ms: f64 = reply.headers[name].to_str().unwrap().parse().unwrap();
+            assert!(ms >= 0.0, "{name}");
+        }
+        let got = embeddings(&reply);
+        let alone = model.model.run_texts(texts).unwrap();
+        let TensorData::Fp32(expected) = &alone.data else {
+            panic!("fp32")
+        };
+        assert_eq!(got.len(), texts.len(), "one row per text, in order");
+        for (row, expected) in got.iter().zip(expected.chunks(32)) {
+            let diff = row
+                .iter()
+                .zip(expected)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-5, "{texts:?}: {diff}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn classify_and_openai_embeddings_are_batched_too() {
+    let harness = Harness::serving("tiny-bert-classify");
+    let reply = harness
+        .post("/v1/classify", json!({"inputs": ["I love this", "awful"]}))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.headers["x-flotilla-batch-size"], "2");
+    assert_eq!(reply.json().as_array().unwrap().len(), 2);
+
+    let harness = Harness::serving("tiny-bert-embed");
+    let reply = harness
+        .post(
+            "/v1/embeddings",
+            json!({"model": "tiny-bert-embed", "input": ["a", "b", "c"]}),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.headers["x-flotilla-batch-size"], "3");
+    assert!(reply.headers.contains_key("x-queue-time"));
+}
+
+#[tokio::test]
+async fn a_full_batching_queue_answers_429_with_retry_after() {
+    let config = ApiConfig {
+        batching: BatchingConfig {
+            max_queue: 1,
+            ..BatchingConfig::default()
+        },
+        ..ApiConfig::default()
+    };
+    let harness = Harness::empty(config, 2);
+    harness.slot.activate(served("tiny-bert-embed"));
+    let held = harness.state.batcher.admit().unwrap();
+
+    let reply = harness.post("/v1/embed", json!({"inputs": "hi"})).await;
+    reply.assert_error(StatusCode::TOO_MANY_REQUESTS, "queue is full");
+    assert_eq!(reply.headers[header::RETRY_AFTER], "1");
+
+    drop(held);
+    let reply = harness.post("/v1/embed", json!({"inputs": "hi"})).await;
+    assert_eq!(reply.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_passed_deadline_is_503_with_retry_after_and_a_bad_one_is_400() {
+    let harness = Harness::serving("tiny-bert-embed");
+    let request = |deadline: &str| {
+        Request::post("/v1/embed")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("x-flotilla-deadline-ms", deadline)
+            .body(Body::from(json!({"inputs": "hi"}).to_string()))
+            .unwrap()
+    };
+    let reply = harness.send(request("0")).await;
+    reply.assert_error(StatusCode::SERVICE_UNAVAILABLE, "deadline passed");
+    assert_eq!(reply.headers[header::RETRY_AFTER], "1");
+
+    let reply = harness.send(request("soon")).await;
+    reply.assert_error(StatusCode::BAD_REQUEST, "x-flotilla-deadline-ms");
+
+    let reply = harness.send(request("60000")).await;
+    assert_eq!(reply.status, StatusCode::OK);
 }

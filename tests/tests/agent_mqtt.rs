@@ -3,6 +3,8 @@
 
 #[path = "../../agent/tests/support/broker.rs"]
 mod broker;
+#[path = "../../agent/tests/support/onnxruntime.rs"]
+mod onnxruntime;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,7 +14,7 @@ use std::time::{Duration, Instant};
 use flotilla_agent::config::AgentConfig;
 use flotilla_control_plane::distribution::ChunkServer;
 use flotilla_shared::wire::{
-    topics, ChunkRequest, DesiredBundle, DesiredState, Envelope, EventKind, Presence,
+    topics, ChunkRequest, DesiredBundle, DesiredState, Envelope, EventKind, Health, Presence,
     SignedDesiredState, Telemetry,
 };
 use flotilla_shared::{Bundle, SecretKey, Sha256Digest};
@@ -332,6 +334,16 @@ impl Setup {
     }
 
     fn start_agent(&self, id: &str, broker_port: u16, api_port: u16) -> RunningAgent {
+        self.start_agent_with(id, broker_port, api_port, |_| {})
+    }
+
+    fn start_agent_with(
+        &self,
+        id: &str,
+        broker_port: u16,
+        api_port: u16,
+        adjust: impl FnOnce(&mut AgentConfig),
+    ) -> RunningAgent {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -347,6 +359,7 @@ impl Setup {
         config.trust.control_plane = Some(self.dir.path().join("cp.pub"));
         config.api.listen = SocketAddr::from(([127, 0, 0, 1], api_port));
         config.heartbeat_secs = 1;
+        adjust(&mut config);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let result = flotilla_agent::agent::run(config, async {
@@ -604,5 +617,91 @@ async fn telemetry_buffered_while_offline_arrives_in_order_without_gaps() {
     seqs.dedup();
     let expected: Vec<u64> = (seqs[0]..=*seqs.last().unwrap()).collect();
     assert_eq!(seqs, expected, "no gaps");
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_provider_that_cannot_run_degrades_to_cpu_in_events_heartbeats_and_metrics() {
+    let Ok(library) = onnxruntime::library() else {
+        // Fails with the reason unless FLOTILLA_SKIP_ORT=1.
+        assert!(onnxruntime::runtime().is_none());
+        return;
+    };
+    let setup = Setup::new();
+    let (port, _broker) = broker::start_broker();
+    let peer = Peer::start(port).await;
+    let agent = setup.start_agent_with("edge-gpu", port, free_port(), |config| {
+        config.inference.onnxruntime_library = Some(library);
+        // The PyPI wheel has no CUDA provider: asking for it must not pass for CUDA.
+        config.inference.gpu_providers = Some(vec![flotilla_agent::runtime::Provider::Cuda]);
+    });
+    let v1 = peer.hold(pack_signed("tiny-bert-embed", &setup.keys.publisher));
+    peer.desire("edge-gpu", 1, &v1, &setup.keys.control_plane)
+        .await;
+    peer.wait_event("edge-gpu", is_active("1.0.0")).await;
+
+    let degraded = peer
+        .wait_event("edge-gpu", |k| matches!(k, EventKind::Degraded { .. }))
+        .await;
+    let EventKind::Degraded { cause } = degraded else {
+        unreachable!()
+    };
+    assert!(
+        cause.contains("ort/cuda") && cause.contains("running on ort/cpu"),
+        "{cause}"
+    );
+
+    // Requests are served meanwhile, on the CPU provider, and every report says so.
+    let (status, body) = agent
+        .post("/v1/embed", serde_json::json!({"inputs": "hello world"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, meta) = agent.get("/v2/models/tiny-bert-embed").await;
+    assert_eq!(meta["parameters"]["backend"], "ort", "{meta}");
+    assert_eq!(meta["parameters"]["provider"], "cpu", "{meta}");
+    assert!(meta["parameters"]["degraded"]
+        .as_str()
+        .unwrap()
+        .contains("cuda"));
+    let metrics = reqwest::get(format!("http://{}/metrics", agent.api))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"flotilla_model_engine{model="tiny-bert-embed",version="1.0.0",backend="ort",provider="cpu"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"flotilla_model_degraded{model="tiny-bert-embed",version="1.0.0"} 1"#)
+    );
+
+    let heartbeat = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut rx = peer.seen.subscribe();
+        loop {
+            if let Seen::Telemetry(a, _, Telemetry::Heartbeat(h)) = rx.recv().await.unwrap() {
+                if a == "edge-gpu" && h.active.is_some() {
+                    return h;
+                }
+            }
+        }
+    })
+    .await
+    .expect("a heartbeat with the model");
+    let active = heartbeat.active.unwrap();
+    assert_eq!(active.backend, flotilla_shared::manifest::Backend::Ort);
+    assert_eq!(active.provider, "cpu");
+    assert!(
+        matches!(&heartbeat.health, Health::Degraded { cause: c } if c.contains("cuda")),
+        "{:?}",
+        heartbeat.health
+    );
+    let reported = peer
+        .events("edge-gpu")
+        .into_iter()
+        .filter(|k| matches!(k, EventKind::Degraded { .. }))
+        .count();
+    assert_eq!(reported, 1, "one event per cause, not one per heartbeat");
     agent.stop().await;
 }

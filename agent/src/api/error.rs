@@ -73,6 +73,15 @@ pub enum ApiError {
     /// cancelled, or the model answered with something unusable (500).
     #[error("inference task failed: {0}")]
     Task(String),
+    /// The batching queue is full.
+    #[error("the inference queue is full ({max} requests); retry later")]
+    QueueFull {
+        /// Queue capacity.
+        max: usize,
+    },
+    /// The request's deadline passed before its batch ran.
+    #[error("the request's deadline passed before it could run")]
+    DeadlineExceeded,
 }
 
 impl ApiError {
@@ -88,14 +97,18 @@ impl ApiError {
             Self::Runtime(e) if e.is_client_error() => StatusCode::BAD_REQUEST,
             Self::Runtime(_) | Self::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Acquire(AcquireError::NoModel) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Acquire(AcquireError::Busy) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Acquire(AcquireError::Busy) | Self::QueueFull { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Self::DeadlineExceeded => StatusCode::SERVICE_UNAVAILABLE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         }
     }
 
     /// Whether the model or host is at fault, as opposed to the request.
     pub fn is_model_error(&self) -> bool {
-        self.status().is_server_error() && !matches!(self, Self::Acquire(_))
+        self.status().is_server_error()
+            && !matches!(self, Self::Acquire(_) | Self::DeadlineExceeded)
     }
 }
 
@@ -104,7 +117,11 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let body = serde_json::json!({ "error": self.to_string() });
         let mut response = (status, axum::Json(body)).into_response();
-        if matches!(self, Self::Acquire(AcquireError::Busy)) {
+        let retry = matches!(
+            self,
+            Self::Acquire(AcquireError::Busy) | Self::QueueFull { .. } | Self::DeadlineExceeded
+        );
+        if retry {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -16,9 +16,11 @@
 //!
 //! Every error is `{"error": "<message>"}`: 400 bad input, 404 unknown model, version or route,
 //! 405 wrong method, 413 body over `api.max_body_bytes` or batch over `api.max_batch_items`,
-//! 415 compressed body, 429 with `Retry-After: 1` when every inference slot is busy, 500 model
-//! failure, 503 no model loaded yet.
+//! 415 compressed body, 429 with `Retry-After: 1` when every inference slot is busy or the
+//! batching queue is full, 500 model failure, 503 no model loaded yet or (with `Retry-After`)
+//! a deadline given in `x-flotilla-deadline-ms` passed before the request could run.
 
+mod batch;
 mod binary;
 mod error;
 mod run;
@@ -37,8 +39,9 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde::de::DeserializeOwned;
 
+pub use batch::{Batcher, DEADLINE_HEADER};
 pub use error::ApiError;
-pub use run::{INFERENCE_TIME, TOKENIZATION_TIME, TRUNCATED};
+pub use run::{BATCH_SIZE, INFERENCE_TIME, QUEUE_TIME, TOKENIZATION_TIME, TRUNCATED};
 
 use crate::config::ApiConfig;
 use crate::metrics::{Metrics, CONTENT_TYPE};
@@ -53,6 +56,21 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// Body and batch limits.
     pub config: ApiConfig,
+    /// Batches concurrent text requests.
+    pub batcher: Arc<Batcher>,
+}
+
+impl ApiState {
+    /// The state for `slot`, with a batcher configured by `config.batching`.
+    pub fn new(slot: Arc<ModelSlot>, metrics: Arc<Metrics>, config: ApiConfig) -> Self {
+        let batcher = Arc::new(Batcher::new(config.batching.clone()));
+        Self {
+            slot,
+            metrics,
+            config,
+            batcher,
+        }
+    }
 }
 
 /// The API's routes. The caller binds the listener, adds timeouts and shuts down gracefully.
@@ -97,6 +115,9 @@ pub fn router(state: ApiState) -> Router {
 
 /// `GET /metrics`.
 async fn metrics(State(state): State<ApiState>) -> Response {
+    if let Some(model) = state.slot.current() {
+        state.metrics.observe_engine(&model);
+    }
     let mut response = state.metrics.render().into_response();
     response
         .headers_mut()

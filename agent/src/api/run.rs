@@ -17,6 +17,10 @@ use crate::serving::{Lease, ServedModel};
 pub const INFERENCE_TIME: &str = "x-inference-time";
 /// Response header: tokenisation time in milliseconds.
 pub const TOKENIZATION_TIME: &str = "x-tokenization-time";
+/// Response header: time the request waited in the batching queue, in milliseconds.
+pub const QUEUE_TIME: &str = "x-queue-time";
+/// Response header: texts in the batch the request ran in (its own included).
+pub const BATCH_SIZE: &str = "x-flotilla-batch-size";
 /// Response header: how many texts were cut to the model's maximum length.
 pub const TRUNCATED: &str = "x-flotilla-truncated";
 
@@ -102,7 +106,7 @@ fn join_reason(join: &tokio::task::JoinError) -> String {
 }
 
 /// Counts one finished inference and logs model-side failures; the only place that does either.
-fn record(
+pub(super) fn record(
     metrics: &Metrics,
     model: &ServedModel,
     result: Result<(), &ApiError>,
@@ -130,8 +134,12 @@ pub struct TextRun {
     pub batch: TextBatch,
     /// Time spent tokenising.
     pub tokenize: Duration,
-    /// Time spent in the model and post-processing.
+    /// Time spent in the model and post-processing (the whole batch's, when batched).
     pub infer: Duration,
+    /// Time spent waiting for a batch; zero when run alone.
+    pub queued: Duration,
+    /// Texts in the batch the request ran in.
+    pub batch_texts: usize,
 }
 
 impl TextRun {
@@ -140,6 +148,8 @@ impl TextRun {
         let mut headers = HeaderMap::new();
         headers.insert(TOKENIZATION_TIME, millis(self.tokenize));
         headers.insert(INFERENCE_TIME, millis(self.infer));
+        headers.insert(QUEUE_TIME, millis(self.queued));
+        headers.insert(BATCH_SIZE, HeaderValue::from(self.batch_texts));
         let truncated = self.batch.truncated.iter().filter(|t| **t).count();
         headers.insert(TRUNCATED, HeaderValue::from(truncated));
         headers
@@ -164,9 +174,11 @@ pub fn run_texts(model: &ServedModel, texts: &[String]) -> Result<TextRun, Runti
 
     Ok(TextRun {
         output,
+        batch_texts: batch.len(),
         batch,
         tokenize,
         infer,
+        queued: Duration::ZERO,
     })
 }
 

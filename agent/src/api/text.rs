@@ -18,6 +18,7 @@ use flotilla_shared::tensor::{Dim, Tensor, TensorData};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
+use super::batch::DEADLINE_HEADER;
 use super::error::{ApiError, JsonBody};
 use super::run::{self, TOKENIZATION_TIME};
 use super::ApiState;
@@ -102,14 +103,27 @@ fn check_texts(texts: &Texts, max: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Takes the model and checks it can answer `endpoint`.
+/// Takes the model and an inference slot, and checks the model can answer `endpoint`.
 fn lease_for(
     state: &ApiState,
     endpoint: &'static str,
     task: Option<Task>,
 ) -> Result<Lease, ApiError> {
-    let lease = state.slot.try_lease()?;
-    let actual = lease.model.model.meta().task;
+    let model = model_for(state, endpoint, task)?;
+    Ok(state.slot.lease(model)?)
+}
+
+/// Takes the current model and checks it can answer `endpoint`.
+fn model_for(
+    state: &ApiState,
+    endpoint: &'static str,
+    task: Option<Task>,
+) -> Result<Arc<ServedModel>, ApiError> {
+    let model = state
+        .slot
+        .current()
+        .ok_or(crate::serving::AcquireError::NoModel)?;
+    let actual = model.model.meta().task;
     let fits = match task {
         Some(task) => actual == task,
         None => actual != Task::Raw,
@@ -126,7 +140,7 @@ fn lease_for(
             needed,
         });
     }
-    Ok(lease)
+    Ok(model)
 }
 
 /// Rows of an `[n, k]` FP32 task tensor.
@@ -213,27 +227,97 @@ pub struct InputsRequest {
     pub inputs: Texts,
 }
 
-/// Runs texts through the model's text pipeline, counted in the metrics.
+/// The deadline a request carries in `x-flotilla-deadline-ms`, counted from now.
+fn deadline(headers: &HeaderMap) -> Result<Option<Instant>, ApiError> {
+    let Some(value) = headers.get(DEADLINE_HEADER) else {
+        return Ok(None);
+    };
+    let millis: u64 = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "{DEADLINE_HEADER} must be a whole number of milliseconds"
+            ))
+        })?;
+    Ok(Some(
+        Instant::now() + std::time::Duration::from_millis(millis),
+    ))
+}
+
+/// Runs texts through the model's text pipeline, batched with concurrent requests unless
+/// batching is off, and counts the request in the metrics.
 async fn run_texts(
     state: &ApiState,
-    lease: Lease,
+    model: Arc<ServedModel>,
     texts: Vec<String>,
-) -> Result<(run::TextRun, Arc<ServedModel>), ApiError> {
-    let ran = run::counted(&state.metrics, lease, move |model| {
-        Ok(run::run_texts(model, &texts)?)
+    deadline: Option<Instant>,
+) -> Result<run::TextRun, ApiError> {
+    if !state.batcher.enabled() {
+        let lease = state.slot.lease(model)?;
+        let ran = run::counted(&state.metrics, lease, move |model| {
+            Ok(run::run_texts(model, &texts)?)
+        })
+        .await?;
+        return Ok(ran.value);
+    }
+
+    let admission = state.batcher.admit()?;
+    let started = Instant::now();
+    let _in_flight = state.metrics.start(&model);
+    let result = batched(state, admission, model.clone(), texts, deadline).await;
+    let outcome = result.as_ref().map(|_| ());
+    run::record(&state.metrics, &model, outcome, started.elapsed());
+    result
+}
+
+async fn batched(
+    state: &ApiState,
+    admission: super::batch::Admission,
+    model: Arc<ServedModel>,
+    texts: Vec<String>,
+    deadline: Option<Instant>,
+) -> Result<run::TextRun, ApiError> {
+    // Tokenising is CPU work of its own; it runs beside the batch in progress.
+    let tokenizing = model.clone();
+    let (batch, tokenize) = tokio::task::spawn_blocking(move || {
+        let meta = tokenizing.model.meta();
+        let text = tokenizing
+            .model
+            .text()
+            .ok_or(RuntimeError::NotText(meta.task))?;
+        let started = Instant::now();
+        let batch = text.encode(&texts)?;
+        Ok::<_, RuntimeError>((batch, started.elapsed()))
     })
-    .await?;
-    Ok((ran.value, ran.model))
+    .await
+    .map_err(|e| ApiError::Task(e.to_string()))??;
+
+    let answer = state
+        .batcher
+        .run(admission, model, batch.clone(), deadline)
+        .await?;
+    Ok(run::TextRun {
+        output: answer.output,
+        batch,
+        tokenize,
+        infer: answer.infer,
+        queued: answer.queued,
+        batch_texts: answer.batch_texts,
+    })
 }
 
 /// `POST /v1/embed`: `{"inputs": "..." | [...]}` → `[[f32, ...], ...]`, one vector per text.
 pub async fn embed(
     State(state): State<ApiState>,
+    headers: HeaderMap,
     JsonBody(request): JsonBody<InputsRequest>,
 ) -> Result<Response, ApiError> {
     check_texts(&request.inputs, state.config.max_batch_items)?;
-    let lease = lease_for(&state, "/v1/embed", Some(Task::Embedding))?;
-    let (ran, _) = run_texts(&state, lease, request.inputs.0).await?;
+    let deadline = deadline(&headers)?;
+    let model = model_for(&state, "/v1/embed", Some(Task::Embedding))?;
+    let ran = run_texts(&state, model, request.inputs.0, deadline).await?;
     let vectors = rows(&ran.output)?;
     Ok((ran.headers(), Json(vectors)).into_response())
 }
@@ -251,11 +335,13 @@ pub struct LabelScore {
 /// sorted by score, highest first.
 pub async fn classify(
     State(state): State<ApiState>,
+    headers: HeaderMap,
     JsonBody(request): JsonBody<InputsRequest>,
 ) -> Result<Response, ApiError> {
     check_texts(&request.inputs, state.config.max_batch_items)?;
-    let lease = lease_for(&state, "/v1/classify", Some(Task::Classification))?;
-    let (ran, model) = run_texts(&state, lease, request.inputs.0).await?;
+    let deadline = deadline(&headers)?;
+    let model = model_for(&state, "/v1/classify", Some(Task::Classification))?;
+    let ran = run_texts(&state, model.clone(), request.inputs.0, deadline).await?;
     let labels = &model.model.meta().labels;
     let scored: Vec<Vec<LabelScore>> = rows(&ran.output)?
         .into_iter()
@@ -336,6 +422,7 @@ pub struct OpenAiEmbeddingsResponse {
 /// `POST /v1/embeddings` (OpenAI-compatible). A `model` other than the served one is 404.
 pub async fn openai_embeddings(
     State(state): State<ApiState>,
+    headers: HeaderMap,
     JsonBody(request): JsonBody<OpenAiEmbeddingsRequest>,
 ) -> Result<Response, ApiError> {
     let base64 = match request.encoding_format.as_deref() {
@@ -348,26 +435,27 @@ pub async fn openai_embeddings(
         }
     };
     check_texts(&request.input, state.config.max_batch_items)?;
-    let lease = lease_for(&state, "/v1/embeddings", Some(Task::Embedding))?;
-    if request.model != lease.model.name() {
+    let deadline = deadline(&headers)?;
+    let model = model_for(&state, "/v1/embeddings", Some(Task::Embedding))?;
+    if request.model != model.name() {
         return Err(ApiError::ModelNotFound(format!(
             "model {:?} is not served here; this agent serves {:?}",
             request.model,
-            lease.model.name()
+            model.name()
         )));
     }
     if let Some(asked) = request.dimensions {
-        let width = embedding_width(&lease.model);
+        let width = embedding_width(&model);
         if width != Some(asked) {
             let width = width.map_or_else(|| "variable".to_owned(), |w| w.to_string());
             return Err(ApiError::BadRequest(format!(
                 "{} produces embeddings of dimension {width}; dimensions={asked} is not \
                  supported",
-                lease.model.name()
+                model.name()
             )));
         }
     }
-    let (ran, model) = run_texts(&state, lease, request.input.0).await?;
+    let ran = run_texts(&state, model.clone(), request.input.0, deadline).await?;
     let vectors = rows(&ran.output)?;
 
     let data = vectors

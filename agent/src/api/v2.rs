@@ -185,6 +185,7 @@ fn metadata(model: &ServedModel) -> Value {
             "task": model.model.meta().task.to_string(),
             "backend": info.backend.to_string(),
             "provider": info.provider,
+            "degraded": model.model.degradation(),
             "digest": model.digest.to_hex(),
         },
     })

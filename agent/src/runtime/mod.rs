@@ -4,7 +4,10 @@
 //! operator CLI uses the same code to compute self-test expectations when it packs a bundle, so
 //! what a packer computes and what an agent checks come from one implementation.
 
+mod fallback;
 mod onnx_meta;
+pub mod onnxruntime;
+mod placement;
 pub mod selftest;
 pub mod text;
 mod tract;
@@ -14,7 +17,10 @@ use std::path::{Path, PathBuf};
 use flotilla_shared::manifest::{Backend, ModelMeta, Task};
 use flotilla_shared::tensor::{DataType, Tensor, TensorSpec};
 
+pub use fallback::{EngineLadder, EngineLoader, Target};
 pub use onnx_meta::{read_onnx_signature, OnnxSignature};
+pub use onnxruntime::{OrtRuntime, OrtSettings, Provider};
+pub use placement::{plan, GpuProviders, Placement};
 pub use text::{TextBatch, TextPipeline};
 
 /// Why a model could not be loaded or run.
@@ -42,6 +48,17 @@ pub enum RuntimeError {
     /// The requested backend is not built into or available on this host.
     #[error("backend {0} is not available")]
     BackendUnavailable(Backend),
+    /// The ONNX Runtime library could not be found or started.
+    #[error("onnxruntime is not available: {0}")]
+    OrtUnavailable(String),
+    /// An ONNX Runtime execution provider is missing from the library or failed to start.
+    #[error("execution provider {provider} is not usable: {reason}")]
+    ProviderUnavailable {
+        /// The provider asked for.
+        provider: Provider,
+        /// What ONNX Runtime or the host said.
+        reason: String,
+    },
     /// A request names an input the model does not have.
     #[error("unknown input {name:?}; the model takes {expected}")]
     UnknownInput {
@@ -99,6 +116,9 @@ pub enum RuntimeError {
     /// Tokenisation failed.
     #[error("tokenization failed: {0}")]
     Tokenize(String),
+    /// No target was left to load the model on.
+    #[error("no backend is available for this model")]
+    NoTarget,
     /// The request holds no text or no rows.
     #[error("empty batch")]
     EmptyBatch,
@@ -157,7 +177,7 @@ pub trait Engine: Send + Sync {
 /// A loaded model with its metadata and, for text tasks, its tokenizer.
 pub struct Model {
     meta: ModelMeta,
-    engine: Box<dyn Engine>,
+    engines: EngineLadder,
     text: Option<TextPipeline>,
 }
 
@@ -171,20 +191,35 @@ impl std::fmt::Debug for Model {
 }
 
 impl Model {
-    /// Loads the model whose files lie under `dir` (paths as in the manifest) on `backend`.
+    /// Loads the model whose files lie under `dir` (paths as in the manifest) on `backend` only
+    /// (ONNX Runtime on its CPU provider, from `ORT_DYLIB_PATH` unless already started).
     /// Optimisation happens here, once; this is slow and blocking.
     pub fn load(dir: &Path, meta: &ModelMeta, backend: Backend) -> Result<Self, RuntimeError> {
-        let engine: Box<dyn Engine> = match backend {
-            Backend::Tract => Box::new(tract::TractEngine::load(&dir.join(&meta.entry), meta)?),
-            Backend::Ort => return Err(RuntimeError::BackendUnavailable(Backend::Ort)),
+        let target = match backend {
+            Backend::Tract => Target::Tract,
+            Backend::Ort => Target::Ort(Provider::Cpu),
         };
+        Self::load_on(dir, meta, vec![target], &OrtSettings::default())
+    }
+
+    /// Loads the model on the first of `targets` that loads, keeping the others to fall back
+    /// to (see [`EngineLadder`]). Slow and blocking.
+    pub fn load_on(
+        dir: &Path,
+        meta: &ModelMeta,
+        targets: Vec<Target>,
+        ort: &OrtSettings,
+    ) -> Result<Self, RuntimeError> {
         let text = match &meta.text {
             Some(settings) => Some(TextPipeline::load(dir, meta, settings)?),
             None => None,
         };
+        let (path, loader_meta, ort) = (dir.join(&meta.entry), meta.clone(), ort.clone());
+        let loader: EngineLoader =
+            Box::new(move |target| load_engine(target, &path, &loader_meta, &ort));
         Ok(Self {
             meta: meta.clone(),
-            engine,
+            engines: EngineLadder::load(targets, loader)?,
             text,
         })
     }
@@ -196,7 +231,17 @@ impl Model {
 
     /// Engine in use.
     pub fn info(&self) -> EngineInfo {
-        self.engine.info()
+        self.engines.info()
+    }
+
+    /// The engines this model can run on, and which one it runs on now.
+    pub fn engines(&self) -> &EngineLadder {
+        &self.engines
+    }
+
+    /// Why the model is not on its best target, if it is not.
+    pub fn degradation(&self) -> Option<String> {
+        self.engines.degradation()
     }
 
     /// The tokenizer pipeline, for text models.
@@ -207,7 +252,7 @@ impl Model {
     /// Runs raw tensors: checks names, datatypes and shapes, then runs in declared order.
     pub fn infer(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
         let ordered = order_inputs(&self.meta.inputs, inputs)?;
-        self.engine.run(ordered)
+        self.engines.run(ordered)
     }
 
     /// Runs texts through tokenizer, model and post-processing: `embeddings` [n, dim] for
@@ -219,9 +264,25 @@ impl Model {
             .ok_or(RuntimeError::NotText(self.meta.task))?;
         let batch = text.encode(texts)?;
         let inputs = text.model_inputs(&batch, &self.meta.inputs)?;
-        let outputs = self.engine.run(inputs)?;
+        let outputs = self.engines.run(inputs)?;
         text.postprocess(&self.meta, &batch, outputs)
     }
+}
+
+/// Builds one engine for `target`.
+fn load_engine(
+    target: Target,
+    path: &Path,
+    meta: &ModelMeta,
+    ort: &OrtSettings,
+) -> Result<std::sync::Arc<dyn Engine>, RuntimeError> {
+    Ok(match target {
+        Target::Tract => std::sync::Arc::new(tract::TractEngine::load(path, meta)?),
+        Target::Ort(provider) => {
+            let runtime = OrtRuntime::init(ort)?;
+            std::sync::Arc::new(onnxruntime::OrtEngine::load(runtime, path, meta, provider)?)
+        }
+    })
 }
 
 /// Validates request tensors against the declared inputs and puts them in declared order.
@@ -296,7 +357,12 @@ fn check_symbols(specs: &[TensorSpec], inputs: &[Tensor]) -> Result<(), RuntimeE
     Ok(())
 }
 
-/// Backends compiled into this build, in order of preference for CPU hosts.
+/// Backends this process can run, in order of preference for CPU hosts: ONNX Runtime when its
+/// library loads (from the agent's settings if it started ONNX Runtime already, else from
+/// `ORT_DYLIB_PATH`), and tract always.
 pub fn available_backends() -> Vec<Backend> {
-    vec![Backend::Tract]
+    match OrtRuntime::init(&OrtSettings::default()) {
+        Ok(_) => vec![Backend::Ort, Backend::Tract],
+        Err(_) => vec![Backend::Tract],
+    }
 }
