@@ -181,10 +181,17 @@ impl Outbox {
 
     /// Stores one telemetry item and returns its sequence number.
     ///
-    /// This runs on the caller's thread: sled's `apply_batch` only writes to its in-memory log
+    /// This runs on the caller's thread: sled's inserts only write to its in-memory log
     /// (microseconds); the fsync happens in [`Outbox::run_delivery`] through `flush_async` on
     /// sled's own threads, before any of these items leaves the agent. A crash before that
     /// flush loses items nobody has seen, never a sequence number somebody has.
+    ///
+    /// The writes are single-key operations in a safe order (the item, then the counter, then
+    /// evictions) rather than one `apply_batch`: sled 0.34's batches take a process-wide
+    /// exclusive lock that deadlocks against a concurrent `flush`. Recovery copes with a crash
+    /// between them: [`Outbox::open`] takes the next sequence number from the items as well as
+    /// the counter, an eviction not yet made only leaves one item too many, and the drop
+    /// counter may undercount by the items of that instant.
     pub fn push(&self, telemetry: Telemetry) -> Result<u64, OutboxError> {
         let kind = TelemetryKind::of(&telemetry);
         let mut state = self.state();
@@ -195,9 +202,6 @@ impl Outbox {
             value.extend(Envelope::new(&self.inner.agent_id, seq, now_ms(), telemetry).encode());
             value
         };
-
-        let mut batch = sled::Batch::default();
-        batch.insert(NEXT_SEQ_KEY, &(seq + 1).to_be_bytes());
 
         // The new item takes part in the choice: a heartbeat arriving at an outbox full of
         // events is itself the oldest heartbeat and is dropped.
@@ -221,17 +225,18 @@ impl Outbox {
             held -= 1;
         }
 
+        let tree = &self.inner.tree;
         if keep_new {
-            batch.insert(item_key(seq).as_slice(), value);
+            tree.insert(item_key(seq).as_slice(), value)?;
         }
+        tree.insert(NEXT_SEQ_KEY, &(seq + 1).to_be_bytes())?;
         for victim in &evicted {
-            batch.remove(item_key(*victim).as_slice());
+            tree.remove(item_key(*victim).as_slice())?;
         }
         let dropped_now = evicted.len() as u64 + u64::from(!keep_new);
         if dropped_now > 0 {
-            batch.insert(DROPPED_KEY, &(state.dropped + dropped_now).to_be_bytes());
+            tree.insert(DROPPED_KEY, &(state.dropped + dropped_now).to_be_bytes())?;
         }
-        self.inner.tree.apply_batch(batch)?;
 
         state.next_seq = seq + 1;
         state.dropped += dropped_now;
@@ -429,10 +434,11 @@ impl Outbox {
             return;
         }
         state.dropped += 1;
-        let mut batch = sled::Batch::default();
-        batch.remove(item_key(seq).as_slice());
-        batch.insert(DROPPED_KEY, &state.dropped.to_be_bytes());
-        if let Err(error) = self.inner.tree.apply_batch(batch) {
+        let tree = &self.inner.tree;
+        let written = tree
+            .remove(item_key(seq).as_slice())
+            .and_then(|_| tree.insert(DROPPED_KEY, &state.dropped.to_be_bytes()));
+        if let Err(error) = written {
             warn!(seq, %error, "cannot record dropped telemetry item");
         }
         self.inner.held.send_replace(state.items.len() as u64);

@@ -122,7 +122,12 @@ impl Store {
     }
 
     /// Records `digest` as active (the old active becomes previous) and raises the model's
-    /// sequence floor, in one batch, flushed before returning.
+    /// sequence floor, flushed before returning.
+    ///
+    /// Previous is written before active, so a crash between the two leaves the old bundle
+    /// active (and recorded as previous too), never the new one without its predecessor. No
+    /// `apply_batch`: sled 0.34's batches take a process-wide exclusive lock that deadlocks
+    /// against a concurrent `flush`.
     pub fn record_activation(
         &self,
         digest: &Sha256Digest,
@@ -130,13 +135,13 @@ impl Store {
         sequence: u64,
     ) -> Result<()> {
         let old = self.active()?;
-        let mut batch = sled::Batch::default();
-        batch.insert(keys::ACTIVE, &digest.0[..]);
         if let Some(old) = old.filter(|o| o != digest) {
-            batch.insert(keys::PREVIOUS, &old.0[..]);
+            self.state
+                .insert(keys::PREVIOUS, &old.0[..])
+                .context("cannot record the previous bundle")?;
         }
         self.state
-            .apply_batch(batch)
+            .insert(keys::ACTIVE, &digest.0[..])
             .context("cannot record activation")?;
         self.raise_floor(model, sequence)?;
         self.flush()
