@@ -403,6 +403,19 @@ async fn the_api_refuses_missing_tokens_low_roles_and_bad_input_with_reasons() {
     let (status, _) = fleet.get("/events?limit=0", Some(VIEWER_TOKEN)).await;
     assert_eq!(status, 400);
 
+    // The server made its signing key private, and publishes the public half.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let key = fleet.server_dir().join("control-plane.key");
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", key.display());
+    }
+    let (status, pem) = fleet.get("/server/key", Some(VIEWER_TOKEN)).await;
+    assert_eq!(status, 200);
+    let published = flotilla_shared::PublicKey::from_pem(pem.as_str().unwrap()).unwrap();
+    assert_eq!(published, fleet.server().public_key);
+
     // The OpenAPI document lists every route and needs no token.
     let (status, doc) = fleet.get("/openapi.json", None).await;
     assert_eq!(status, 200);
