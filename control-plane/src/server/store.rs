@@ -201,6 +201,29 @@ impl Store {
     }
 }
 
+impl Store {
+    /// The latest `limit` events that `keep` accepts, newest first.
+    pub fn latest_events(
+        &self,
+        limit: usize,
+        keep: impl Fn(&EventRecord) -> bool,
+    ) -> Result<Vec<EventRecord>> {
+        let mut out = Vec::new();
+        for item in self.events.iter().rev() {
+            let (_, value) = item?;
+            let record: EventRecord =
+                serde_json::from_slice(&value).context("corrupt event record")?;
+            if keep(&record) {
+                out.push(record);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 fn put<T: Serialize>(tree: &sled::Tree, key: &[u8], value: &T) -> Result<()> {
     let bytes = serde_cbor::to_vec(value).context("cannot encode a record")?;
     tree.insert(key, bytes)?;

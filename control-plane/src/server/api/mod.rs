@@ -170,6 +170,8 @@ pub fn router(state: AppState) -> Router {
                 async move { Json(openapi.as_ref().clone()) }
             }),
         )
+        .route("/", axum::routing::get(dashboard))
+        .route("/dashboard", axum::routing::get(dashboard))
         .route("/healthz", axum::routing::get(healthz))
         .route("/readyz", axum::routing::get(readyz))
         .route("/metrics", axum::routing::get(metrics))
@@ -194,6 +196,11 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
         started.elapsed().as_secs_f64(),
     );
     response
+}
+
+/// The fleet dashboard: a static page that asks for a token and reads the API with it.
+async fn dashboard() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("dashboard.html"))
 }
 
 async fn healthz() -> &'static str {
@@ -492,9 +499,12 @@ struct EventQuery {
     after: Option<u64>,
     /// Page size, 1-1000; default 100.
     limit: Option<usize>,
+    /// Newest first (the latest `limit` events), instead of oldest first from `after`.
+    newest: Option<bool>,
 }
 
-/// The event log, oldest first, paged.
+/// The event log, oldest first and paged by `after`, or the latest `limit` events newest
+/// first with `newest=true`.
 #[utoipa::path(get, path = "/api/v1/events", tag = "events", params(EventQuery),
     security(("bearer" = [])), responses((status = 200, body = EventsPage)))]
 async fn list_events(
@@ -506,7 +516,7 @@ async fn list_events(
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad_request("limit must be 1-1000"));
     }
-    let events = state.store.events(query.after.unwrap_or(0), limit, |e| {
+    let keep = |e: &super::store::EventRecord| {
         query
             .agent
             .as_ref()
@@ -516,7 +526,15 @@ async fn list_events(
                 .as_ref()
                 .is_none_or(|r| e.rollout.as_ref() == Some(r))
             && query.kind.as_ref().is_none_or(|k| &e.kind == k)
-    })?;
+    };
+    if query.newest == Some(true) {
+        let events = state.store.latest_events(limit, keep)?;
+        return Ok(Json(EventsPage {
+            events,
+            next_after: None,
+        }));
+    }
+    let events = state.store.events(query.after.unwrap_or(0), limit, keep)?;
     let next_after = events.last().map(|e| e.id).or(query.after);
     Ok(Json(EventsPage { events, next_after }))
 }
