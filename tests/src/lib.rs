@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 pub mod fleet;
+pub mod procs;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -111,22 +112,8 @@ pub fn pack_signed_chunked(
 
 /// Rewrites `version` and `sequence` in a copied model's bundle.toml.
 pub fn set_release(dir: &Path, version: &str, sequence: u64) {
-    let spec_path = dir.join("bundle.toml");
-    let spec = std::fs::read_to_string(&spec_path).expect("bundle.toml");
-    let spec: String = spec
-        .lines()
-        .map(|line| {
-            if line.starts_with("version = ") {
-                format!("version = \"{version}\"")
-            } else if line.starts_with("sequence = ") {
-                format!("sequence = {sequence}")
-            } else {
-                line.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    std::fs::write(spec_path, spec).expect("write bundle.toml");
+    flotilla_control_plane::pack::set_release(dir, None, version, sequence)
+        .expect("rewrite bundle.toml");
 }
 
 /// Path of a workspace binary built in the same profile as the running test or benchmark,

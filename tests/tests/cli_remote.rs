@@ -279,8 +279,25 @@ fn tokens_are_checked_and_the_api_messages_are_shown() {
     let fx = Fixture::start();
     let (file, _) = fx.signed_bundle();
 
+    // The CLI asks for the token's role before it sends a byte of the bundle.
     fx.cli(Some(VIEWER_TOKEN), &["bundle", "push", &file])
-        .fails_with("token \"viewer\" has role viewer; this needs operator (HTTP 403)");
+        .fails_with("token \"viewer\" has role viewer; uploading bundles needs operator");
+    fx.cli(
+        Some(VIEWER_TOKEN),
+        &[
+            "rollout",
+            "start",
+            "--bundle",
+            "x@1.0.0",
+            "--selector",
+            "",
+            "--wave",
+            "100%",
+            "--bake",
+            "1s",
+        ],
+    )
+    .fails_with("this needs operator (HTTP 403)");
     fx.cli(None, &["agents"])
         .fails_with("missing bearer token (HTTP 401)");
     fx.cli(None, &["bundle", "push", &file])

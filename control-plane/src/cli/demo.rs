@@ -336,6 +336,7 @@ async fn demo(args: &DemoArgs) -> Result<()> {
             "  API       http://{}/api/v1   (token: {token})",
             server.api_addr
         );
+        println!("  dashboard http://{}/#token={token}", server.api_addr);
         println!("  OpenAPI   http://{}/api/v1/openapi.json", server.api_addr);
         println!("  metrics   http://{}/metrics", server.api_addr);
         println!("  MQTT      mqtt://{}", config.mqtt.listen);

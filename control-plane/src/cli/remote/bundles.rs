@@ -15,6 +15,17 @@ use crate::server::store::BundleRecord;
 /// Uploads a bundle file as it is; the server verifies it against its trusted publishers.
 pub(in crate::cli) fn push(file: &Path, remote: &RemoteArgs, as_json: bool) -> Result<()> {
     let client = Client::new(remote)?;
+    // Ask first who the token belongs to: a server refusing an upload answers before reading
+    // the body and closes the connection, which a client mid-upload sees as a broken pipe
+    // rather than the server's reason.
+    let caller = client.get(&["api", "v1", "whoami"], &[])?;
+    if !matches!(caller.json["role"].as_str(), Some("operator" | "admin")) {
+        anyhow::bail!(
+            "token {} has role {}; uploading bundles needs operator",
+            caller.json["name"],
+            caller.json["role"].as_str().unwrap_or("unknown")
+        );
+    }
     let reader =
         File::open(file).with_context(|| format!("cannot open bundle {}", file.display()))?;
     let size = reader

@@ -55,6 +55,11 @@ impl Caller {
         &self.name
     }
 
+    /// The token's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
     /// Refuses with 403 unless the caller's role includes `role`.
     pub fn require(&self, role: Role) -> Result<(), ApiError> {
         if self.role >= role {

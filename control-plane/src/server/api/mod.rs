@@ -159,6 +159,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(steer_rollout))
         .routes(routes!(list_events))
         .routes(routes!(server_key))
+        .routes(routes!(whoami))
         .split_for_parts();
     let openapi = Arc::new(openapi);
     Router::new()
@@ -540,6 +541,25 @@ async fn list_events(
 }
 
 // ---- server ----------------------------------------------------------------------------
+
+/// Who a token belongs to.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct WhoAmI {
+    /// The token's name in the server's config.
+    pub name: String,
+    /// Its role.
+    pub role: super::config::Role,
+}
+
+/// The caller's token name and role: lets a client check its role before a long upload.
+#[utoipa::path(get, path = "/api/v1/whoami", tag = "server", security(("bearer" = [])),
+    responses((status = 200, body = WhoAmI), (status = 401, body = ErrorBody)))]
+async fn whoami(caller: Caller) -> Json<WhoAmI> {
+    Json(WhoAmI {
+        name: caller.name().to_owned(),
+        role: caller.role(),
+    })
+}
 
 /// The control plane's public key (PEM): agents need it to check desired states.
 #[utoipa::path(get, path = "/api/v1/server/key", tag = "server", security(("bearer" = [])),
