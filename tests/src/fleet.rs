@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use flotilla_agent::config::{AgentConfig, BrokerConfig};
 use flotilla_control_plane::server::config::{hash_token, Role, ServerConfig, TokenConfig};
 use flotilla_control_plane::server::{self, RunningServer};
+use reqwest::Method;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
@@ -36,7 +37,7 @@ pub struct Fleet {
     /// Where agents connect.
     pub broker_url: String,
     agents: BTreeMap<String, RunningAgent>,
-    http: reqwest::Client,
+    api: ApiClient,
 }
 
 /// An agent running in this process.
@@ -72,13 +73,32 @@ impl Fleet {
             None => format!("mqtt://{}", config.mqtt.listen),
         };
         let server = server::start(config).await.expect("server starts");
-        Self {
+        let fleet = Self {
             dir,
             keys,
             server: Some(server),
             broker_url,
             agents: BTreeMap::new(),
-            http: reqwest::Client::new(),
+            api: ApiClient::default(),
+        };
+        fleet.wait_ready().await;
+        fleet
+    }
+
+    /// Waits until the server's MQTT client is connected and subscribed (`/readyz`).
+    pub async fn wait_ready(&self) {
+        let url = format!("http://{}/readyz", self.server().api_addr);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let answer = self
+                .api
+                .try_call(Method::GET, url.clone(), None, None)
+                .await;
+            if matches!(answer, Ok((200, _))) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "server never ready: {answer:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -109,6 +129,7 @@ impl Fleet {
         });
         config.mqtt.client_id = "flotilla-control-plane-2".into();
         self.server = Some(server::start(config).await.expect("server restarts"));
+        self.wait_ready().await;
     }
 
     /// Starts an agent with `labels`, trusting the test publisher and this server.
@@ -177,40 +198,26 @@ impl Fleet {
 
     /// `GET /api/v1{path}` with `token`; status and JSON body.
     pub async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
-        let mut request = self.http.get(self.url(path));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        answer(request).await
+        self.api
+            .call(Method::GET, self.url(path), None, token)
+            .await
     }
 
     /// `POST /api/v1{path}` with a raw body and `token`.
     pub async fn post(&self, path: &str, body: Vec<u8>, token: Option<&str>) -> (u16, Value) {
-        let mut request = self.http.post(self.url(path)).body(body);
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        answer(request).await
+        self.api
+            .call(Method::POST, self.url(path), Some(body), token)
+            .await
     }
 
     /// Uploads a bundle as the operator; panics unless the server took it.
     pub async fn upload(&self, bundle: Vec<u8>) -> Value {
-        let (status, body) = self.post("/bundles", bundle, Some(OPERATOR_TOKEN)).await;
-        assert!(status == 201 || status == 200, "upload: {status} {body}");
-        body
+        self.api.upload(&self.url(""), bundle).await
     }
 
     /// Starts a rollout as the operator; panics unless it was created.
     pub async fn rollout(&self, spec: Value) -> String {
-        let (status, body) = self
-            .post(
-                "/rollouts",
-                serde_json::to_vec(&spec).expect("json"),
-                Some(OPERATOR_TOKEN),
-            )
-            .await;
-        assert_eq!(status, 201, "create rollout: {body}");
-        body["id"].as_str().expect("rollout id").to_owned()
+        self.api.rollout(&self.url(""), spec).await
     }
 
     /// Polls the rollout until `done` holds for its view; panics with the last view on
@@ -257,14 +264,73 @@ impl Fleet {
     }
 }
 
-async fn answer(request: reqwest::RequestBuilder) -> (u16, Value) {
-    let response = request.send().await.expect("server answers");
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap_or_default();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+/// Calls to a control plane's REST API, shared by the in-process and the process harnesses.
+#[derive(Debug, Clone, Default)]
+pub struct ApiClient {
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    /// `method url` with an optional body and bearer token: status and JSON body (the text
+    /// as a JSON string when it is not JSON). Panics when the server cannot be reached.
+    pub async fn call(
+        &self,
+        method: Method,
+        url: String,
+        body: Option<Vec<u8>>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
+        self.try_call(method, url, body, token)
+            .await
+            .unwrap_or_else(|e| panic!("server answers: {e}"))
+    }
+
+    /// Like [`ApiClient::call`], with a connection failure as an error (for servers that may
+    /// be restarting).
+    pub async fn try_call(
+        &self,
+        method: Method,
+        url: String,
+        body: Option<Vec<u8>>,
+        token: Option<&str>,
+    ) -> Result<(u16, Value), String> {
+        let mut request = self.http.request(method, url);
+        if let Some(body) = body {
+            request = request.body(body);
+        }
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
+    }
+
+    /// Uploads a bundle to `api` (`http://host:port/api/v1`) as the operator; panics unless
+    /// the server took it.
+    pub async fn upload(&self, api: &str, bundle: Vec<u8>) -> Value {
+        let url = format!("{api}/bundles");
+        let (status, body) = self
+            .call(Method::POST, url, Some(bundle), Some(OPERATOR_TOKEN))
+            .await;
+        assert!(status == 201 || status == 200, "upload: {status} {body}");
+        body
+    }
+
+    /// Starts a rollout from `spec` at `api` as the operator; its id.
+    pub async fn rollout(&self, api: &str, spec: Value) -> String {
+        let body = serde_json::to_vec(&spec).expect("spec is JSON");
+        let url = format!("{api}/rollouts");
+        let (status, answer) = self
+            .call(Method::POST, url, Some(body), Some(OPERATOR_TOKEN))
+            .await;
+        assert_eq!(status, 201, "create rollout: {answer}");
+        answer["id"].as_str().expect("rollout id").to_owned()
+    }
 }
 
 /// A server config for tests: free ports, the given data directory, the test publisher,

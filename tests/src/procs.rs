@@ -16,7 +16,7 @@ use flotilla_control_plane::server::config::hash_token;
 use flotilla_shared::wire::{Chunk, ChunkPart, Envelope};
 use serde_json::Value;
 
-use crate::fleet::{ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN};
+use crate::fleet::{ApiClient, ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN};
 use crate::{binary, free_port, write_public_key, TestKeys};
 
 /// How long a wait for a condition may take before the test fails.
@@ -510,7 +510,7 @@ pub struct Cluster {
     pub server: ServerProc,
     /// Agents by id.
     pub agents: BTreeMap<String, AgentProc>,
-    http: reqwest::Client,
+    api: ApiClient,
 }
 
 impl Cluster {
@@ -535,7 +535,7 @@ impl Cluster {
             publisher,
             server,
             agents: BTreeMap::new(),
-            http: reqwest::Client::new(),
+            api: ApiClient::default(),
         }
     }
 
@@ -623,47 +623,28 @@ impl Cluster {
         body: Option<Vec<u8>>,
         token: Option<&str>,
     ) -> (u16, Value) {
-        let mut request = self.http.request(method, self.url(path));
-        if let Some(body) = body {
-            request = request.body(body);
-        }
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        answer(request).await
+        self.api.call(method, self.url(path), body, token).await
     }
 
     /// `GET /api/v1{path}` with `token`: status and JSON body.
     pub async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
-        let mut request = self.http.get(self.url(path));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        answer(request).await
+        self.call(reqwest::Method::GET, path, None, token).await
     }
 
     /// `POST /api/v1{path}` with `body` and `token`: status and JSON body.
     pub async fn post(&self, path: &str, body: Vec<u8>, token: Option<&str>) -> (u16, Value) {
-        let mut request = self.http.post(self.url(path)).body(body);
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        answer(request).await
+        self.call(reqwest::Method::POST, path, Some(body), token)
+            .await
     }
 
     /// Uploads a bundle as the operator and returns the server's answer; panics unless taken.
     pub async fn upload(&self, bundle: Vec<u8>) -> Value {
-        let (status, body) = self.post("/bundles", bundle, Some(OPERATOR_TOKEN)).await;
-        assert!(status == 201 || status == 200, "upload: {status} {body}");
-        body
+        self.api.upload(&self.url(""), bundle).await
     }
 
     /// Creates a rollout from `spec` as the operator; its id.
     pub async fn rollout(&self, spec: Value) -> String {
-        let body = serde_json::to_vec(&spec).expect("spec is JSON");
-        let (status, answer) = self.post("/rollouts", body, Some(OPERATOR_TOKEN)).await;
-        assert_eq!(status, 201, "create rollout: {answer}");
-        answer["id"].as_str().expect("rollout id").to_owned()
+        self.api.rollout(&self.url(""), spec).await
     }
 
     /// Polls `GET /api/v1{path}` as a viewer until `done` holds; panics with the last answer
@@ -767,25 +748,19 @@ impl Cluster {
 
     /// The server's Prometheus metric `name` (summed over its label sets).
     pub async fn server_metric(&self, name: &str) -> f64 {
-        let text = self
-            .http
-            .get(format!("http://{}/metrics", self.server.api))
-            .send()
-            .await
-            .expect("server answers /metrics")
-            .text()
-            .await
-            .expect("metrics text");
-        metric(&text, name)
+        let url = format!("http://{}/metrics", self.server.api);
+        let (_, text) = self.api.call(reqwest::Method::GET, url, None, None).await;
+        metric(text.as_str().expect("metrics are text"), name)
     }
 
     /// What agent `id`'s local API says about the model: its metadata, or the error answer.
     pub async fn served(&self, id: &str, model: &str) -> Result<Value, String> {
         let url = format!("http://{}/v2/models/{model}", self.agent_api(id));
-        let response = self.http.get(url).send().await.map_err(|e| e.to_string())?;
-        let status = response.status();
-        let body: Value = response.json().await.map_err(|e| e.to_string())?;
-        if status.is_success() {
+        let (status, body) = self
+            .api
+            .try_call(reqwest::Method::GET, url, None, None)
+            .await?;
+        if (200..300).contains(&status) {
             Ok(body)
         } else {
             Err(format!("{status}: {body}"))
@@ -813,19 +788,12 @@ impl Cluster {
     }
 
     async fn try_get(&self, path: &str) -> (u16, Value) {
-        let request = self.http.get(self.url(path)).bearer_auth(VIEWER_TOKEN);
-        match request.send().await {
-            Ok(response) => {
-                let status = response.status().as_u16();
-                let text = response.text().await.unwrap_or_default();
-                (
-                    status,
-                    serde_json::from_str(&text).unwrap_or(Value::String(text)),
-                )
-            }
-            // The server may be restarting: report, and let the caller poll again.
-            Err(e) => (0, Value::String(e.to_string())),
-        }
+        let url = self.url(path);
+        // The server may be restarting: report, and let the caller poll again.
+        self.api
+            .try_call(reqwest::Method::GET, url, None, Some(VIEWER_TOKEN))
+            .await
+            .unwrap_or_else(|e| (0, Value::String(e)))
     }
 
     fn url(&self, path: &str) -> String {
@@ -846,16 +814,6 @@ impl Drop for Cluster {
         }
         self.server.terminate();
     }
-}
-
-async fn answer(request: reqwest::RequestBuilder) -> (u16, Value) {
-    let response = request.send().await.expect("server answers");
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap_or_default();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
 }
 
 /// The sum of a Prometheus metric's samples named `name` in `text` (0 when absent).

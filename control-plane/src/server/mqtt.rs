@@ -29,7 +29,7 @@ const CLIENT_QUEUE: usize = 1024;
 /// Counters the metrics endpoint reads.
 #[derive(Debug, Default)]
 pub struct MqttStats {
-    /// Whether the client is connected now.
+    /// Whether the client is connected and subscribed now.
     pub connected: AtomicBool,
     /// Connections made since start.
     pub connections: AtomicU64,
@@ -116,7 +116,6 @@ async fn run_eventloop(
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 connected_at = Some(Instant::now());
-                stats.connected.store(true, Ordering::SeqCst);
                 stats.connections.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("connected to the MQTT broker");
                 // try_subscribe: awaiting here would wait on the queue this loop drains.
@@ -132,6 +131,11 @@ async fn run_eventloop(
                 hub.lock()
                     .expect("invariant: hub lock never poisoned")
                     .republish_desired();
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                // Ready once the broker confirmed the subscriptions: from here on no agent
+                // message is missed.
+                stats.connected.store(true, Ordering::SeqCst);
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 let topic = publish.topic.as_str();

@@ -185,43 +185,36 @@ impl Store {
         limit: usize,
         keep: impl Fn(&EventRecord) -> bool,
     ) -> Result<Vec<EventRecord>> {
-        let mut out = Vec::new();
-        for item in self.events.range((after + 1).to_be_bytes()..) {
-            let (_, value) = item?;
-            let record: EventRecord =
-                serde_json::from_slice(&value).context("corrupt event record")?;
-            if keep(&record) {
-                out.push(record);
-                if out.len() >= limit {
-                    break;
-                }
-            }
-        }
-        Ok(out)
+        collect_events(self.events.range((after + 1).to_be_bytes()..), limit, keep)
     }
-}
 
-impl Store {
     /// The latest `limit` events that `keep` accepts, newest first.
     pub fn latest_events(
         &self,
         limit: usize,
         keep: impl Fn(&EventRecord) -> bool,
     ) -> Result<Vec<EventRecord>> {
-        let mut out = Vec::new();
-        for item in self.events.iter().rev() {
-            let (_, value) = item?;
-            let record: EventRecord =
-                serde_json::from_slice(&value).context("corrupt event record")?;
-            if keep(&record) {
-                out.push(record);
-                if out.len() >= limit {
-                    break;
-                }
+        collect_events(self.events.iter().rev(), limit, keep)
+    }
+}
+
+fn collect_events(
+    items: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+    limit: usize,
+    keep: impl Fn(&EventRecord) -> bool,
+) -> Result<Vec<EventRecord>> {
+    let mut out = Vec::new();
+    for item in items {
+        let (_, value) = item?;
+        let record: EventRecord = serde_json::from_slice(&value).context("corrupt event record")?;
+        if keep(&record) {
+            out.push(record);
+            if out.len() >= limit {
+                break;
             }
         }
-        Ok(out)
     }
+    Ok(out)
 }
 
 fn put<T: Serialize>(tree: &sled::Tree, key: &[u8], value: &T) -> Result<()> {
