@@ -134,6 +134,16 @@ impl Fleet {
 
     /// Starts an agent with `labels`, trusting the test publisher and this server.
     pub fn start_agent(&mut self, id: &str, labels: &[(&str, &str)]) -> SocketAddr {
+        self.start_agent_with(id, labels, |_| {})
+    }
+
+    /// Like [`Fleet::start_agent`], after `edit` adjusted the agent's config.
+    pub fn start_agent_with(
+        &mut self,
+        id: &str,
+        labels: &[(&str, &str)],
+        edit: impl FnOnce(&mut AgentConfig),
+    ) -> SocketAddr {
         let api = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut config = AgentConfig {
             id: id.to_owned(),
@@ -149,6 +159,7 @@ impl Fleet {
         config.trust.control_plane = Some(self.server_dir().join("control-plane.pub"));
         config.api.listen = api;
         config.heartbeat_secs = 1;
+        edit(&mut config);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let result = flotilla_agent::agent::run(config, async {

@@ -4,7 +4,11 @@
 
 use std::time::Duration;
 
+#[path = "../../agent/tests/support/broker.rs"]
+mod broker;
+
 use flotilla_agent::config::BrokerConfig;
+use flotilla_control_plane::server::config::BrokerTls;
 use flotilla_shared::wire::{topics, Envelope, Presence};
 use flotilla_tests::fleet::{traffic, Fleet, Mosquitto, ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN};
 use flotilla_tests::{pack_signed, pack_signed_with, set_release};
@@ -177,6 +181,38 @@ async fn a_rollout_completes_through_an_external_mosquitto_broker() {
         fleet.wait_version(agent, "2.0.0").await;
         assert_eq!(served_version(&fleet, agent).await, "2.0.0");
     }
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_reach_the_embedded_broker_over_tls() {
+    let files = broker::tls_files();
+    let tls_port = flotilla_tests::free_port();
+    let mut fleet = Fleet::start_with(|c| {
+        c.mqtt.tls = Some(BrokerTls {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], tls_port)),
+            cert_file: files.server_cert.clone(),
+            key_file: files.server_key.clone(),
+        })
+    })
+    .await;
+    fleet.start_agent_with("edge-tls", &[("site", "a")], |config| {
+        config.broker.url = format!("mqtts://127.0.0.1:{tls_port}");
+        config.broker.ca_file = Some(files.ca.clone());
+        config.broker.client_cert = Some(files.client_cert.clone());
+        config.broker.client_key = Some(files.client_key.clone());
+    });
+    fleet.wait_online(&["edge-tls"]).await;
+    fleet.upload(release("1.0.0", 1, &fleet)).await;
+    let id = fleet
+        .rollout(json!({
+            "bundle": format!("{MODEL}@1.0.0"),
+            "selector": "",
+            "waves": [{ "size": { "percent": 100 }, "bake_secs": 0 }],
+        }))
+        .await;
+    fleet.wait_rollout(&id, |r| r["state"] == "completed").await;
+    assert_eq!(served_version(&fleet, "edge-tls").await, "1.0.0");
     fleet.shutdown().await;
 }
 

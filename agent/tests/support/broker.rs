@@ -237,8 +237,10 @@ pub struct TlsFiles {
     pub client_cert: PathBuf,
     /// Its key.
     pub client_key: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
+    /// The broker's certificate (for 127.0.0.1 and localhost), signed by the CA.
+    pub server_cert: PathBuf,
+    /// Its key.
+    pub server_key: PathBuf,
 }
 
 /// Writes the test PKI to a folder of this process (once) and returns the paths.
