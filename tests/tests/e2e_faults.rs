@@ -37,6 +37,34 @@ async fn first_served(cluster: &Cluster, id: &str) -> (String, String) {
     .await
 }
 
+/// A release of [`MODEL`] made from the slow 48-layer encoder with a self-test of many texts,
+/// so that seconds pass between `staged` and the switch: a kill on `staged` lands inside the
+/// window.
+fn slow_to_switch(cluster: &Cluster, version: &str, sequence: u64) -> Vec<u8> {
+    let models = flotilla_tests::models_dir();
+    flotilla_tests::pack_signed_with(
+        models
+            .join("tiny-bert-embed-deep")
+            .to_str()
+            .expect("UTF-8 path"),
+        &cluster.keys.publisher,
+        |dir| {
+            flotilla_control_plane::pack::set_release(dir, Some(MODEL), version, sequence)
+                .expect("rewrite bundle.toml");
+            let texts: Vec<String> = (0..128)
+                .map(|i| format!("\"sentence {i} of a long self-test, 第{i}句\""))
+                .collect();
+            let spec_path = dir.join("bundle.toml");
+            let mut spec = std::fs::read_to_string(&spec_path).expect("bundle.toml");
+            spec.push_str(&format!(
+                "\n[[self_test]]\nname = \"long\"\ntexts = [{}]\ntolerance = 0.0001\n",
+                texts.join(", ")
+            ));
+            std::fs::write(spec_path, spec).expect("write bundle.toml");
+        },
+    )
+}
+
 fn digest_of(upload: &Value) -> String {
     upload["digest"]
         .as_str()
@@ -148,17 +176,14 @@ async fn an_agent_killed_once_staged_comes_back_consistent_on_a_complete_model()
             .install_everywhere(release(&cluster.keys, "1.0.0", 1, None), "1.0.0", &[agent])
             .await,
     );
-    let v2_digest = digest_of(
-        &cluster
-            .upload(release(&cluster.keys, "2.0.0", 2, None))
-            .await,
-    );
+    let v2_digest = digest_of(&cluster.upload(slow_to_switch(&cluster, "2.0.0", 2)).await);
     let mark = cluster.last_event_id().await;
     let id = cluster.rollout(one_wave("2.0.0")).await;
 
-    // Killed as soon as the server has seen `staged`: between staging and switching if the
-    // agent is slow enough, just after the switch otherwise. Either way it must come back on
-    // one complete model and say so.
+    // Killed as soon as the server has seen `staged`: v2's long self-test keeps the agent
+    // between staging and switching for a while, so the kill lands there. It must come back
+    // on one complete model and say so (and if it ever lands after the switch, the same
+    // holds for v2).
     cluster.wait_event(agent, "staged", mark, |_| true).await;
     cluster.agent(agent).kill();
     let mark = cluster.last_event_id().await;
