@@ -121,7 +121,7 @@ struct Step {
 fn steps(agents: usize) -> Vec<Step> {
     // Every process shares the machine's cores, which makes p99 noisy: the same model has
     // measured up to twice its own earlier p99 under the demo's traffic, the slow release
-    // about five times.
+    // five to eight times.
     let gates = json!({ "max_error_rate": 0.02, "max_p99_ratio": 2.5 });
     vec![
         Step {
@@ -442,9 +442,16 @@ impl Agents {
         std::fs::create_dir_all(&dir)?;
         let api = loopback(free_port()?);
         let log = std::fs::File::create(dir.join("agent.log"))?;
+        // Every agent runs tract, the default that needs no library, so the latency story
+        // (a release about five times slower than the one before) reads the same on every
+        // machine, with or without ONNX Runtime installed.
+        let config_file = dir.join("agent.toml");
+        std::fs::write(&config_file, "[inference]\nbackends = [\"tract\"]\n")?;
         let mut command = Command::new(binary);
         command
             .arg("run")
+            .arg("--config")
+            .arg(&config_file)
             .args(["--id", id])
             .arg("--data-dir")
             .arg(&dir)
@@ -569,11 +576,19 @@ impl Traffic {
         let ok = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
         let client = reqwest::Client::new();
+        // Paragraph-length texts, so the model's own work (not HTTP) decides the latency and
+        // a slower model shows as one on either backend.
         let texts = [
-            "the sensor reads normal",
-            "今天天气很好",
-            "machine learning at the edge",
-            "我爱 machine learning!",
+            "The pressure sensor on line three reported readings within the normal range for \
+             the whole shift, and the maintenance team found no leaks during the inspection \
+             of the valves, pumps and connectors near the cooling unit this afternoon.",
+            "今天天气很好，我们在河边散步，看到很多人在钓鱼和跑步。晚上我们一起吃饭，聊了很多关于\
+             工作和生活的事情，大家都觉得这样的周末非常放松。",
+            "Machine learning at the edge keeps data close to where it is produced, cuts the \
+             round trip to a data centre, and keeps working when the network link to the \
+             control plane is slow, expensive or simply gone for a while.",
+            "我爱 machine learning! Models that run on small devices need careful packaging, \
+             signed updates, health checks and a way back when a new version misbehaves.",
         ];
         let tasks = apis
             .into_iter()
