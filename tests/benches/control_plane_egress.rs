@@ -8,10 +8,10 @@
 use std::time::Instant;
 
 use flotilla_tests::fleet::Fleet;
-use flotilla_tests::{pack_signed_with, set_release};
+use flotilla_tests::procs::release;
 use serde_json::json;
 
-const MODEL: &str = "tiny-bert-embed";
+use flotilla_tests::procs::MODEL;
 const CHUNK: u32 = 16 * 1024;
 
 fn chunk_bytes(metrics: &str) -> u64 {
@@ -31,15 +31,7 @@ async fn run(downloaders: usize) -> (u64, u64, f64) {
     }
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     fleet.wait_online(&refs).await;
-    let bundle = pack_signed_with(MODEL, &fleet.keys.publisher, |dir| {
-        set_release(dir, "1.0.0", 1);
-        let spec = std::fs::read_to_string(dir.join("bundle.toml")).expect("bundle.toml");
-        std::fs::write(
-            dir.join("bundle.toml"),
-            format!("chunk_size = {CHUNK}\n{spec}"),
-        )
-        .expect("write bundle.toml");
-    });
+    let bundle = release(&fleet.keys, "1.0.0", 1, Some(CHUNK));
     let size = bundle.len() as u64;
     fleet.upload(bundle).await;
     let started = Instant::now();

@@ -102,12 +102,15 @@ pub fn pack_signed_chunked(
     key: &flotilla_shared::SecretKey,
     chunk_size: u32,
 ) -> Vec<u8> {
-    pack_signed_with(model, key, |dir| {
-        let spec_path = dir.join("bundle.toml");
-        let spec = std::fs::read_to_string(&spec_path).expect("bundle.toml");
-        std::fs::write(spec_path, format!("chunk_size = {chunk_size}\n{spec}"))
-            .expect("write bundle.toml");
-    })
+    pack_signed_with(model, key, |dir| set_chunk_size(dir, chunk_size))
+}
+
+/// Sets the transfer chunk size in a copied model's bundle.toml.
+pub fn set_chunk_size(dir: &Path, chunk_size: u32) {
+    let spec_path = dir.join("bundle.toml");
+    let spec = std::fs::read_to_string(&spec_path).expect("bundle.toml");
+    std::fs::write(spec_path, format!("chunk_size = {chunk_size}\n{spec}"))
+        .expect("write bundle.toml");
 }
 
 /// Rewrites `version` and `sequence` in a copied model's bundle.toml.

@@ -31,10 +31,7 @@ pub fn release(keys: &TestKeys, version: &str, sequence: u64, chunk_size: Option
     crate::pack_signed_with(MODEL, &keys.publisher, |dir| {
         crate::set_release(dir, version, sequence);
         if let Some(size) = chunk_size {
-            let spec_path = dir.join("bundle.toml");
-            let spec = std::fs::read_to_string(&spec_path).expect("bundle.toml");
-            std::fs::write(spec_path, format!("chunk_size = {size}\n{spec}"))
-                .expect("write bundle.toml");
+            crate::set_chunk_size(dir, size);
         }
     })
 }
@@ -751,6 +748,21 @@ impl Cluster {
         let url = format!("http://{}/metrics", self.server.api);
         let (_, text) = self.api.call(reqwest::Method::GET, url, None, None).await;
         metric(text.as_str().expect("metrics are text"), name)
+    }
+
+    /// The version and digest agent `id` serves of [`MODEL`]; panics when it serves none.
+    pub async fn served_release(&self, id: &str) -> (String, String) {
+        let body = self
+            .served(id, MODEL)
+            .await
+            .unwrap_or_else(|e| panic!("{id} serves no model: {e}"));
+        (
+            body["versions"][0].as_str().unwrap_or_default().to_owned(),
+            body["parameters"]["digest"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        )
     }
 
     /// What agent `id`'s local API says about the model: its metadata, or the error answer.

@@ -5,21 +5,6 @@
 use flotilla_tests::procs::{release, wait_for, Cluster, Relay, MODEL};
 use serde_json::{json, Value};
 
-/// The version and digest agent `id` serves, read from its local API.
-async fn served(cluster: &Cluster, id: &str) -> (String, String) {
-    let body = cluster
-        .served(id, MODEL)
-        .await
-        .unwrap_or_else(|e| panic!("{id} serves no model: {e}"));
-    (
-        body["versions"][0].as_str().unwrap_or_default().to_owned(),
-        body["parameters"]["digest"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
-    )
-}
-
 /// Waits until agent `id`'s local API serves a model again (after a restart); its version and
 /// digest.
 async fn first_served(cluster: &Cluster, id: &str) -> (String, String) {
@@ -146,7 +131,7 @@ async fn an_agent_killed_mid_download_resumes_without_refetching_verified_chunks
     );
     cluster.wait_served(agent, MODEL, "2.0.0").await;
     cluster.wait_reported(agent, "2.0.0").await;
-    let (_, digest) = served(&cluster, agent).await;
+    let (_, digest) = cluster.served_release(agent).await;
     assert_eq!(digest, v2_digest, "it serves the complete uploaded bundle");
     let done = cluster
         .wait_rollout_state(&id, &["completed", "rolled_back", "paused", "aborted"])
@@ -222,7 +207,7 @@ async fn an_agent_killed_once_staged_comes_back_consistent_on_a_complete_model()
 
     cluster.wait_served(agent, MODEL, "2.0.0").await;
     let record = cluster.wait_reported(agent, "2.0.0").await;
-    let (version, digest) = served(&cluster, agent).await;
+    let (version, digest) = cluster.served_release(agent).await;
     assert_eq!(version, "2.0.0");
     assert_eq!(digest, v2_digest, "it serves the uploaded bundle");
     assert_eq!(
@@ -266,7 +251,7 @@ async fn chunks_corrupted_in_transit_are_refused_and_fetched_again() {
         refusals >= 2,
         "the agent refused each corrupted chunk ({refusals} refusals logged):\n{logs}"
     );
-    let (version, digest) = served(&cluster, agent).await;
+    let (version, digest) = cluster.served_release(agent).await;
     assert_eq!(version, "2.0.0");
     assert_eq!(
         digest, v2_digest,

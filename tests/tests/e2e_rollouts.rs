@@ -8,21 +8,6 @@ use flotilla_tests::procs::{release, Cluster, MODEL};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-/// The version and digest agent `id` serves, read from its local API.
-async fn served(cluster: &Cluster, id: &str) -> (String, String) {
-    let body = cluster
-        .served(id, MODEL)
-        .await
-        .unwrap_or_else(|e| panic!("{id} serves no model: {e}"));
-    (
-        body["versions"][0].as_str().unwrap_or_default().to_owned(),
-        body["parameters"]["digest"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_wave_rollout_through_mosquitto_ends_with_every_agent_serving_the_new_version() {
     let mosquitto = Mosquitto::start();
@@ -84,7 +69,7 @@ async fn three_wave_rollout_through_mosquitto_ends_with_every_agent_serving_the_
     }
     for agent in agents {
         cluster.wait_reported(agent, "2.0.0").await;
-        let (version, digest) = served(&cluster, agent).await;
+        let (version, digest) = cluster.served_release(agent).await;
         assert_eq!(version, "2.0.0", "{agent} serves the new version");
         assert_eq!(digest, v2_digest, "{agent} serves the uploaded bundle");
     }
@@ -155,7 +140,7 @@ async fn a_gate_breach_rolls_back_the_canary_and_leaves_the_others_untouched() {
 
     for (agent, desired_before) in agents.iter().zip(&before) {
         let view = cluster.wait_reported(agent, "1.0.0").await;
-        let (version, digest) = served(&cluster, agent).await;
+        let (version, digest) = cluster.served_release(agent).await;
         assert_eq!(version, "1.0.0", "{agent} serves v1 again");
         assert_eq!(digest, v1_digest, "{agent} serves the v1 bundle");
         let phase = &done["agents"][*agent]["phase"]["phase"];
