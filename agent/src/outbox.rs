@@ -4,9 +4,11 @@
 //! it in an [`Envelope`] whose `seq` is that number, and stores the encoded envelope in sled.
 //! Numbers are persisted with the item and never reused, so a receiver that sees a gap knows
 //! something is missing (a dropped item also leaves a gap). [`Outbox::run_delivery`] sends the
-//! items in order on the agent's telemetry topic at QoS 1 whenever the link is up and removes
-//! each one only when the broker has acknowledged it; after a reconnect it starts again from
-//! the oldest unacknowledged item. Receivers may therefore see an item twice, with the same
+//! items in order on the agent's telemetry topic at QoS 1 whenever the control plane listens
+//! (its retained state said `online` on the current connection; a broker acknowledges what it
+//! received, not what it forwarded, and forwards nothing to a subscriber it does not yet have)
+//! and removes each one only when the broker has acknowledged it; after a reconnect it starts
+//! again from the oldest unacknowledged item. Receivers may therefore see an item twice, with the same
 //! `seq`, and must deduplicate by it.
 //!
 //! When the outbox is full, the oldest heartbeat goes first (a new heartbeat counts as the
@@ -304,25 +306,29 @@ impl Outbox {
         tokio::spawn(async move { outbox.run_delivery(link).await }.instrument(span))
     }
 
-    /// Sends items in order whenever `link` is connected, removing each once the broker has
-    /// acknowledged it, until the link task ends. Only one delivery may run per outbox.
+    /// Sends items in order whenever the control plane listens on `link`, removing each once
+    /// the broker has acknowledged it, until the link task ends. Only one delivery may run
+    /// per outbox.
+    ///
+    /// When the control plane goes (or the connection drops), items already sent but not yet
+    /// acknowledged stay and go out again once it is back: the receiver deduplicates.
     pub async fn run_delivery(&self, link: LinkHandle) {
-        let mut connected = link.connected();
+        let mut listening = link.control_plane_listening();
         loop {
-            if connected.wait_for(|up| *up).await.is_err() {
+            if listening.wait_for(|up| *up).await.is_err() {
                 return;
             }
-            match self.deliver_while_connected(&link, &mut connected).await {
+            match self.deliver_while_listened(&link, &mut listening).await {
                 Delivery::Interrupted => debug!(held = self.len(), "telemetry delivery paused"),
                 Delivery::LinkClosed => return,
             }
         }
     }
 
-    async fn deliver_while_connected(
+    async fn deliver_while_listened(
         &self,
         link: &LinkHandle,
-        connected: &mut watch::Receiver<bool>,
+        listening: &mut watch::Receiver<bool>,
     ) -> Delivery {
         let mut in_flight: VecDeque<(u64, Ack)> = VecDeque::new();
         let mut last_sent = None;
@@ -364,11 +370,11 @@ impl Outbox {
                     self.remove(seq);
                 }
                 _ = self.inner.added.notified(), if in_flight.len() < WINDOW => {}
-                changed = connected.changed() => {
+                changed = listening.changed() => {
                     if changed.is_err() {
                         return Delivery::LinkClosed;
                     }
-                    if !*connected.borrow_and_update() {
+                    if !*listening.borrow_and_update() {
                         return Delivery::Interrupted;
                     }
                 }

@@ -84,6 +84,13 @@ async fn wait_connections(link: &LinkHandle, count: u64) {
         .expect("link alive");
 }
 
+async fn wait_listening(link: &LinkHandle, listening: bool) {
+    let mut watch = link.control_plane_listening();
+    within("control-plane state", watch.wait_for(|l| *l == listening))
+        .await
+        .expect("link alive");
+}
+
 async fn wait_connected(link: &LinkHandle, up: bool) {
     let mut connected = link.connected();
     within("connection state", connected.wait_for(|c| *c == up))
@@ -272,6 +279,7 @@ async fn telemetry_pushed_while_the_broker_is_unreachable_arrives_in_order() {
     let db = temp_db();
     let telemetry_topic = topics::agent_telemetry(AGENT);
     let mut watcher = Observer::connect(broker.direct_port(), "watcher", &[&telemetry_topic]).await;
+    watcher.announce_control_plane(true, 1).await;
     let (link, _incoming) = start(link_config(&broker), &db);
     let outbox = Outbox::open(db.open_tree("outbox").unwrap(), AGENT, 100).unwrap();
     let delivery = outbox.spawn_delivery(link.clone());
@@ -304,13 +312,57 @@ async fn telemetry_pushed_while_the_broker_is_unreachable_arrives_in_order() {
 }
 
 #[tokio::test]
-async fn unacknowledged_telemetry_is_sent_again_after_a_broker_restart() {
+async fn telemetry_waits_while_no_control_plane_listens_and_stale_wills_are_ignored() {
     let (_port, broker) = start_broker();
     let db = temp_db();
+    let telemetry_topic = topics::agent_telemetry(AGENT);
+    let mut watcher = Observer::connect(broker.direct_port(), "watcher", &[&telemetry_topic]).await;
     let (link, _incoming) = start(link_config(&broker), &db);
     let outbox = Outbox::open(db.open_tree("outbox").unwrap(), AGENT, 100).unwrap();
     let delivery = outbox.spawn_delivery(link.clone());
     wait_connections(&link, 1).await;
+
+    // Connected, but nobody has said they listen: a broker would acknowledge and discard.
+    for n in 0..3u32 {
+        outbox.push(event(n)).unwrap();
+    }
+    assert!(watcher.stays_quiet(Duration::from_millis(500)).await);
+    assert!(!*link.control_plane_listening().borrow());
+    assert_eq!(outbox.len(), 3);
+
+    watcher.announce_control_plane(true, 10).await;
+    wait_listening(&link, true).await;
+    let received = consecutive_telemetry(&mut watcher, 3).await;
+    assert_eq!(received.last().map(|e| e.seq), Some(3));
+
+    // A late will of an earlier control-plane process changes nothing.
+    watcher.announce_control_plane(false, 9).await;
+    let mut listening = link.control_plane_listening();
+    let went_quiet = tokio::time::timeout(Duration::from_millis(500), listening.wait_for(|l| !*l));
+    assert!(went_quiet.await.is_err(), "a stale will stopped telemetry");
+    outbox.push(event(3)).unwrap();
+    assert_eq!(telemetry(&watcher.next().await).seq, 4);
+
+    // Its own will does: telemetry waits until the next process announces itself.
+    watcher.announce_control_plane(false, 10).await;
+    wait_listening(&link, false).await;
+    outbox.push(event(4)).unwrap();
+    assert!(watcher.stays_quiet(Duration::from_millis(500)).await);
+    watcher.announce_control_plane(true, 11).await;
+    assert_eq!(telemetry(&watcher.next().await).seq, 5);
+    delivery.abort();
+}
+
+#[tokio::test]
+async fn unacknowledged_telemetry_is_sent_again_after_a_broker_restart() {
+    let (_port, broker) = start_broker();
+    let db = temp_db();
+    let control_plane = Observer::connect(broker.direct_port(), "control-plane", &[]).await;
+    control_plane.announce_control_plane(true, 1).await;
+    let (link, _incoming) = start(link_config(&broker), &db);
+    let outbox = Outbox::open(db.open_tree("outbox").unwrap(), AGENT, 100).unwrap();
+    let delivery = outbox.spawn_delivery(link.clone());
+    wait_listening(&link, true).await;
 
     // Frozen: the publishes leave the agent, but no acknowledgement can come back.
     broker.freeze();
@@ -328,8 +380,10 @@ async fn unacknowledged_telemetry_is_sent_again_after_a_broker_restart() {
     broker.partition();
     broker.restart();
     broker.thaw();
+    // The restarted broker holds no retained state: the control plane announces itself again.
     let telemetry_topic = topics::agent_telemetry(AGENT);
     let mut watcher = Observer::connect(broker.direct_port(), "watcher", &[&telemetry_topic]).await;
+    watcher.announce_control_plane(true, 1).await;
     broker.heal();
 
     let received = consecutive_telemetry(&mut watcher, 10).await;

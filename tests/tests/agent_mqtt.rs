@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use flotilla_agent::config::AgentConfig;
 use flotilla_control_plane::distribution::ChunkServer;
 use flotilla_shared::wire::{
-    topics, ChunkRequest, DesiredBundle, DesiredState, Envelope, EventKind, Health, Presence,
-    SignedDesiredState, Telemetry,
+    topics, ChunkRequest, ControlPlaneState, DesiredBundle, DesiredState, Envelope, EventKind,
+    Health, Presence, SignedDesiredState, Telemetry,
 };
 use flotilla_shared::{Bundle, SecretKey, Sha256Digest};
 use flotilla_tests::{
@@ -89,6 +89,20 @@ impl Peer {
                         ] {
                             client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
                         }
+                        // Listening now: agents may send their telemetry.
+                        let state = ControlPlaneState {
+                            online: true,
+                            epoch: 1,
+                        };
+                        client
+                            .publish(
+                                topics::control_plane_state(),
+                                QoS::AtLeastOnce,
+                                true,
+                                Envelope::new("control-plane", 1, 1, state).encode(),
+                            )
+                            .await
+                            .unwrap();
                     }
                     Packet::SubAck(_) => {
                         if let Some(tx) = ready_tx.take() {

@@ -2,7 +2,7 @@
 //! staged rollouts that complete and that roll back, restart resumption on an external
 //! broker, auth, bad input, and malformed MQTT traffic.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[path = "../../agent/tests/support/broker.rs"]
 mod broker;
@@ -344,6 +344,56 @@ async fn a_restarted_server_resumes_the_rollout_where_it_was() {
     for agent in &agents {
         fleet.wait_version(agent, "2.0.0").await;
     }
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_sent_while_the_server_was_away_arrives_when_it_returns() {
+    let (mut fleet, agents) = fleet_on_v1().await;
+    let mut seen_before = Vec::new();
+    for agent in &agents {
+        let (_, record) = fleet
+            .get(&format!("/agents/{agent}"), Some(VIEWER_TOKEN))
+            .await;
+        seen_before.push(record["last_seq"].as_u64().expect("telemetry seen"));
+    }
+    fleet.stop_server().await;
+
+    // Nobody listens now. Every agent keeps heartbeating, and one restarts, which it reports
+    // in a `started` event; the broker would acknowledge all of it and hand it to no one.
+    fleet.stop_agent("edge-a1").await;
+    let api = fleet.start_agent("edge-a1", &[("site", "a"), ("hw", "cpu")]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reqwest::get(format!("http://{api}/v2/health/live"))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "restarted agent never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    fleet.restart_server_on_broker().await;
+    let started = fleet
+        .wait_api("/events?agent=edge-a1&kind=started&limit=100", |page| {
+            page["events"].as_array().is_some_and(|e| e.len() >= 2)
+        })
+        .await;
+    assert_eq!(
+        started["events"].as_array().unwrap().len(),
+        2,
+        "{started:#}"
+    );
+    fleet.wait_online(&agents).await;
+    for (agent, before) in agents.iter().zip(seen_before) {
+        let record = fleet
+            .wait_api(&format!("/agents/{agent}"), |r| {
+                r["last_seq"].as_u64() > Some(before + 2)
+            })
+            .await;
+        assert_eq!(record["telemetry_missing"], 0, "{agent}: {record:#}");
+    }
+    let (_, summary) = fleet.get("/fleet", Some(VIEWER_TOKEN)).await;
+    assert_eq!(summary["telemetry_missing"], 0, "{summary:#}");
     fleet.shutdown().await;
 }
 

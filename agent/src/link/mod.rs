@@ -10,7 +10,9 @@
 //! `agents/{id}/state` topic always shows either the birth or the will of one session, and a
 //! will older than the latest birth is recognisably stale. On every ConnAck the link
 //! subscribes again to everything it should be subscribed to and then publishes the birth, so
-//! nothing sent in answer to the birth is missed.
+//! nothing sent in answer to the birth is missed. The link also follows the control plane's
+//! retained state and reports through [`LinkHandle::control_plane_listening`] whether anyone
+//! is subscribed to the agent's telemetry on the current connection.
 //!
 //! Incoming messages go to a bounded channel. When the consumer falls behind, bundle chunk
 //! messages (`bundles/{digest}/chunks`) are dropped, since downloaders re-request what they
@@ -253,6 +255,7 @@ impl Link {
                 .collect::<BTreeSet<_>>(),
         );
         let (connected_tx, connected_rx) = watch::channel(false);
+        let (listening_tx, listening_rx) = watch::channel(false);
         let (stats_tx, stats_rx) = watch::channel(LinkStats::default());
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let session = Arc::new(AtomicU64::new(0));
@@ -273,6 +276,9 @@ impl Link {
             shutdown: shutdown_rx,
             shutdown_seen: false,
             connected: connected_tx,
+            control_plane_topic: topics::control_plane_state(),
+            control_plane: None,
+            listening: listening_tx,
             stats: stats_tx,
             incoming: incoming_tx,
             overflow: Default::default(),
@@ -289,6 +295,7 @@ impl Link {
             shutdown_timeout: config.shutdown_timeout,
             subscriptions: subscriptions_tx,
             connected: connected_rx,
+            listening: listening_rx,
             stats: stats_rx,
             session,
             shutdown: Mutex::new(Some(shutdown_tx)),
@@ -313,6 +320,7 @@ struct Shared {
     shutdown_timeout: Duration,
     subscriptions: watch::Sender<BTreeSet<String>>,
     connected: watch::Receiver<bool>,
+    listening: watch::Receiver<bool>,
     stats: watch::Receiver<LinkStats>,
     session: Arc<AtomicU64>,
     shutdown: Mutex<Option<oneshot::Sender<task::ShutdownRequest>>>,
@@ -354,6 +362,13 @@ impl LinkHandle {
     /// away when the link task ends, which a watcher sees as `changed()` failing.
     pub fn connected(&self) -> watch::Receiver<bool> {
         self.shared.connected.clone()
+    }
+
+    /// Whether the control plane is listening: connected, and its retained state said
+    /// `online` on this connection. Telemetry waits for this; see
+    /// [`flotilla_shared::wire::ControlPlaneState`].
+    pub fn control_plane_listening(&self) -> watch::Receiver<bool> {
+        self.shared.listening.clone()
     }
 
     /// The link's counters, updated as they change.

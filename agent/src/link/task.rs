@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use flotilla_shared::wire::{Envelope, Presence, TOPIC_ROOT};
+use flotilla_shared::wire::{ControlPlaneState, Envelope, Presence, TOPIC_ROOT};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rumqttc::{
@@ -96,6 +96,12 @@ pub(super) struct Task {
     pub shutdown: oneshot::Receiver<ShutdownRequest>,
     pub shutdown_seen: bool,
     pub connected: watch::Sender<bool>,
+    /// Retained topic of the control plane's [`ControlPlaneState`].
+    pub control_plane_topic: String,
+    /// The newest control-plane state seen on any connection.
+    pub control_plane: Option<ControlPlaneState>,
+    /// Whether the control plane said `online` on the current connection.
+    pub listening: watch::Sender<bool>,
     pub stats: watch::Sender<LinkStats>,
     pub incoming: mpsc::Sender<Incoming>,
     pub overflow: VecDeque<Incoming>,
@@ -139,7 +145,7 @@ impl Task {
             }
         }
 
-        self.connected.send_replace(false);
+        self.set_down();
         debug!("link task ended");
     }
 
@@ -254,7 +260,7 @@ impl Task {
                         "broker did not confirm the shutdown in time, dropping connection"
                     );
                     conn.finish_closing(Err(LinkError::ShutdownTimedOut(self.shutdown_timeout)));
-                    self.connected.send_replace(false);
+                    self.set_down();
                     return Outcome::Finished;
                 }
                 Step::Silent => {
@@ -280,6 +286,9 @@ impl Task {
                     Packet::ConnAck(_) => self.on_connected(conn),
                     Packet::Publish(publish) if publish.topic == self.state_topic => {
                         self.on_own_presence(conn, &publish.payload);
+                    }
+                    Packet::Publish(publish) if publish.topic == self.control_plane_topic => {
+                        self.on_control_plane(conn, &publish.payload);
                     }
                     Packet::Publish(publish) => {
                         self.deliver(Incoming {
@@ -334,6 +343,7 @@ impl Task {
     fn sync_subscriptions(&mut self, conn: &mut Connection) {
         let mut wanted = self.subscriptions.borrow_and_update().clone();
         wanted.insert(self.state_topic.clone());
+        wanted.insert(self.control_plane_topic.clone());
 
         for filter in wanted.difference(&conn.applied) {
             conn.backlog.push_back(Outbound::Subscribe(filter.clone()));
@@ -372,6 +382,38 @@ impl Task {
                 conn.backlog.push_back(self.birth_request(conn.session));
             }
             _ => {}
+        }
+    }
+
+    /// Follows the control plane's retained state. Only a message received on this
+    /// connection can make it `listening`: after a broker restart the state of the previous
+    /// connection says nothing about who is subscribed now.
+    fn on_control_plane(&mut self, conn: &Connection, payload: &Bytes) {
+        let state = match Envelope::<ControlPlaneState>::decode(payload) {
+            Ok(envelope) => envelope.body,
+            Err(error) => {
+                warn!(session = conn.session, %error, "undecodable control-plane state ignored");
+                return;
+            }
+        };
+        if !state.supersedes(self.control_plane.as_ref()) {
+            debug!(epoch = state.epoch, "stale control-plane state ignored");
+            return;
+        }
+        self.control_plane = Some(state);
+        let was = self.listening.send_replace(state.online);
+        if was != state.online {
+            info!(
+                session = conn.session,
+                online = state.online,
+                epoch = state.epoch,
+                "control plane {}",
+                if state.online {
+                    "listening, sending telemetry"
+                } else {
+                    "gone, holding telemetry"
+                }
+            );
         }
     }
 
@@ -415,7 +457,7 @@ impl Task {
                 Err(LinkError::Unacknowledged)
             };
             conn.finish_closing(result);
-            self.connected.send_replace(false);
+            self.set_down();
             return Outcome::Finished;
         }
 
@@ -444,8 +486,14 @@ impl Task {
         self.lost(conn)
     }
 
-    fn lost(&mut self, conn: &Connection) -> Outcome {
+    /// No connection, so nobody to send to.
+    fn set_down(&self) {
+        self.listening.send_replace(false);
         self.connected.send_replace(false);
+    }
+
+    fn lost(&mut self, conn: &Connection) -> Outcome {
+        self.set_down();
         Outcome::Lost {
             up_for: conn.up.map(|up| up.elapsed()).unwrap_or_default(),
         }

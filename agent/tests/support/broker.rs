@@ -460,6 +460,29 @@ impl Observer {
         Self { client, messages }
     }
 
+    /// Plays the control plane's part: publishes its retained state, `online` or not, for the
+    /// process started at `epoch`.
+    pub async fn announce_control_plane(&self, online: bool, epoch: u64) {
+        let state = flotilla_shared::wire::ControlPlaneState { online, epoch };
+        let payload = flotilla_shared::wire::Envelope::new("control-plane", epoch, epoch, state);
+        self.client
+            .publish(
+                flotilla_shared::wire::topics::control_plane_state(),
+                QoS::AtLeastOnce,
+                true,
+                payload.encode(),
+            )
+            .await
+            .expect("queue the control-plane state");
+    }
+
+    /// Whether a message arrives within `quiet`; for checking that something is held back.
+    pub async fn stays_quiet(&mut self, quiet: Duration) -> bool {
+        tokio::time::timeout(quiet, self.messages.recv())
+            .await
+            .is_err()
+    }
+
     /// The next message, failing the test after 20 seconds.
     pub async fn next(&mut self) -> Publish {
         tokio::time::timeout(Duration::from_secs(20), self.messages.recv())

@@ -5,6 +5,10 @@
 //! the distribution task over an unbounded channel, and everything the server publishes
 //! goes through [`AsyncClient`] from other tasks. That keeps clear of rumqttc's classic
 //! deadlock, an event loop blocked on a channel that only its own polling would drain.
+//!
+//! The loop also keeps the retained [`ControlPlaneState`]: `online` after every (re)subscription,
+//! `offline` as the Last Will and on a clean stop, so agents send telemetry only while someone
+//! is subscribed to receive it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use flotilla_agent::link::{Backoff, BackoffConfig};
-use flotilla_shared::wire::{topics, ChunkRequest, Envelope, TOPIC_ROOT};
+use flotilla_shared::wire::{topics, ChunkRequest, ControlPlaneState, Envelope, TOPIC_ROOT};
 use flotilla_shared::Sha256Digest;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 
 use super::config::{MqttConfig, MAX_PACKET_BYTES};
@@ -25,6 +29,11 @@ use crate::distribution::{ChunkServer, DEFAULT_SHARE_WINDOW};
 
 /// Requests the client may queue before publishing waits.
 const CLIENT_QUEUE: usize = 1024;
+/// How long a stopping server waits for the broker to confirm its `offline` state.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long it keeps handling agent messages after that: what agents sent before they heard
+/// `offline` is at most a broker round trip behind.
+const LEAVE_DRAIN: Duration = Duration::from_millis(250);
 
 /// Counters the metrics endpoint reads.
 #[derive(Debug, Default)]
@@ -102,6 +111,20 @@ async fn run_eventloop(
     stats: Arc<MqttStats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let presence = Presence::new(unix_ms());
+    eventloop.mqtt_options.set_last_will(LastWill::new(
+        topics::control_plane_state(),
+        presence.encode(false),
+        QoS::AtLeastOnce,
+        true,
+    ));
+    let mut handler = Handler {
+        client,
+        hub,
+        requests,
+        stats,
+        presence,
+    };
     let mut backoff = Backoff::new(BackoffConfig {
         initial: Duration::from_millis(100),
         max: Duration::from_secs(5),
@@ -116,40 +139,14 @@ async fn run_eventloop(
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 connected_at = Some(Instant::now());
-                stats.connections.fetch_add(1, Ordering::Relaxed);
-                tracing::info!("connected to the MQTT broker");
-                // try_subscribe: awaiting here would wait on the queue this loop drains.
-                for filter in [
-                    topics::all_agents("state"),
-                    topics::all_agents("telemetry"),
-                    format!("{TOPIC_ROOT}/bundles/+/requests"),
-                ] {
-                    if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
-                        tracing::error!(error = %e, "cannot queue a subscription");
-                    }
-                }
-                hub.lock()
-                    .expect("invariant: hub lock never poisoned")
-                    .republish_desired();
+                handler.on_connected();
             }
-            Ok(Event::Incoming(Packet::SubAck(_))) => {
-                // Ready once the broker confirmed the subscriptions: from here on no agent
-                // message is missed.
-                stats.connected.store(true, Ordering::SeqCst);
-            }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
-                let topic = publish.topic.as_str();
-                if let Some(digest) = request_topic_digest(topic) {
-                    let _ = requests.send((digest, publish.payload.to_vec()));
-                } else {
-                    hub.lock()
-                        .expect("invariant: hub lock never poisoned")
-                        .on_agent_message(topic, &publish.payload, unix_ms());
-                }
+            Ok(Event::Incoming(packet)) => {
+                handler.on_packet(packet);
             }
             Ok(_) => {}
             Err(e) => {
-                stats.connected.store(false, Ordering::SeqCst);
+                handler.stats.connected.store(false, Ordering::SeqCst);
                 if let Some(at) = connected_at.take() {
                     backoff.connection_ended(at.elapsed());
                     tracing::warn!(error = %e, "lost the MQTT broker; reconnecting");
@@ -164,7 +161,175 @@ async fn run_eventloop(
             }
         }
     }
-    let _ = client.try_disconnect();
+    if connected_at.is_some() {
+        handler.leave(&mut eventloop).await;
+    }
+}
+
+/// The control plane's retained presence, [`ControlPlaneState`], for this process.
+struct Presence {
+    epoch: u64,
+    /// Whether our `online` came back on this connection. What arrives before it is the
+    /// retained state it replaces.
+    echoed: bool,
+    /// Whether the server is stopping and has said `offline`.
+    leaving: bool,
+    /// Whether the broker has forwarded that `offline` back to us (and so to every agent).
+    offline_seen: bool,
+}
+
+impl Presence {
+    fn new(epoch: u64) -> Self {
+        Self {
+            epoch,
+            echoed: false,
+            leaving: false,
+            offline_seen: false,
+        }
+    }
+
+    fn encode(&self, online: bool) -> Vec<u8> {
+        let state = ControlPlaneState {
+            online,
+            epoch: self.epoch,
+        };
+        Envelope::new(SERVER_ID, self.epoch, unix_ms(), state).encode()
+    }
+}
+
+/// What the event loop does with the broker's packets.
+struct Handler {
+    client: AsyncClient,
+    hub: Arc<Mutex<Hub>>,
+    requests: mpsc::UnboundedSender<(Sha256Digest, Vec<u8>)>,
+    stats: Arc<MqttStats>,
+    presence: Presence,
+}
+
+impl Handler {
+    fn on_connected(&mut self) {
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        tracing::info!("connected to the MQTT broker");
+        self.presence.echoed = false;
+        // try_*: awaiting here would wait on the queue this loop drains. A broker handles one
+        // connection's packets in order, so by the time agents see `online` the
+        // subscriptions are in place and no telemetry they send from then on is missed.
+        for filter in [
+            topics::all_agents("state"),
+            topics::all_agents("telemetry"),
+            format!("{TOPIC_ROOT}/bundles/+/requests"),
+            topics::control_plane_state(),
+        ] {
+            if let Err(e) = self.client.try_subscribe(filter, QoS::AtLeastOnce) {
+                tracing::error!(error = %e, "cannot queue a subscription");
+            }
+        }
+        self.announce(true);
+        self.hub
+            .lock()
+            .expect("invariant: hub lock never poisoned")
+            .republish_desired();
+    }
+
+    fn announce(&self, online: bool) {
+        if let Err(e) = self.client.try_publish(
+            topics::control_plane_state(),
+            QoS::AtLeastOnce,
+            true,
+            self.presence.encode(online),
+        ) {
+            tracing::error!(error = %e, online, "cannot queue the control-plane state");
+        }
+    }
+
+    fn on_packet(&mut self, packet: Packet) {
+        match packet {
+            Packet::SubAck(_) => {
+                // Ready once the broker confirmed the subscriptions: from here on no agent
+                // message is missed.
+                self.stats.connected.store(true, Ordering::SeqCst);
+            }
+            Packet::Publish(publish) if publish.topic == topics::control_plane_state() => {
+                self.on_own_state(&publish.payload);
+            }
+            Packet::Publish(publish) => {
+                let topic = publish.topic.as_str();
+                if let Some(digest) = request_topic_digest(topic) {
+                    let _ = self.requests.send((digest, publish.payload.to_vec()));
+                } else {
+                    self.hub
+                        .lock()
+                        .expect("invariant: hub lock never poisoned")
+                        .on_agent_message(topic, &publish.payload, unix_ms());
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Watches the retained state: an `offline` while we are up would tell agents nobody
+    /// listens, so we say `online` again; an `online` of another epoch is a second control
+    /// plane on the same broker, which is worth a warning.
+    fn on_own_state(&mut self, payload: &[u8]) {
+        let Ok(envelope) = Envelope::<ControlPlaneState>::decode(payload) else {
+            tracing::warn!("undecodable message on the control-plane state topic");
+            return;
+        };
+        let state = envelope.body;
+        let own = self.presence.epoch;
+        if self.presence.leaving {
+            self.presence.offline_seen |= !state.online && state.epoch == own;
+        } else if !self.presence.echoed {
+            self.presence.echoed = state.online && state.epoch == own;
+        } else if state.online {
+            if state.epoch != own {
+                tracing::warn!(
+                    epoch = state.epoch,
+                    own,
+                    "another control plane announced itself on this broker"
+                );
+            }
+        } else {
+            // The retained state now says offline (a late will of an earlier connection or
+            // process): agents connecting from here on would hold their telemetry for good.
+            tracing::info!(
+                epoch = state.epoch,
+                "broker shows the control plane offline, announcing it again"
+            );
+            self.announce(true);
+        }
+    }
+
+    /// A clean exit: tell agents to hold their telemetry, keep handling what they sent before
+    /// they heard it, then disconnect.
+    async fn leave(&mut self, eventloop: &mut rumqttc::EventLoop) {
+        self.presence.leaving = true;
+        self.announce(false);
+        let deadline = tokio::time::Instant::now() + LEAVE_TIMEOUT;
+        let mut drain_until = None;
+        loop {
+            let until = drain_until.unwrap_or(deadline).min(deadline);
+            let event = match tokio::time::timeout_at(until, eventloop.poll()).await {
+                Ok(Ok(event)) => event,
+                Ok(Err(_)) | Err(_) => break,
+            };
+            if let Event::Incoming(packet) = event {
+                self.on_packet(packet);
+            }
+            if self.presence.offline_seen && drain_until.is_none() {
+                drain_until = Some(tokio::time::Instant::now() + LEAVE_DRAIN);
+            }
+        }
+        let _ = self.client.try_disconnect();
+        let _ = tokio::time::timeout(LEAVE_DRAIN, async {
+            while let Ok(event) = eventloop.poll().await {
+                if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
 }
 
 fn request_topic_digest(topic: &str) -> Option<Sha256Digest> {

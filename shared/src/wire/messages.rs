@@ -2,7 +2,8 @@
 //!
 //! Agents publish [`Presence`] (retained) and [`Telemetry`]; the control plane publishes a
 //! [`SignedDesiredState`] (retained) per agent and answers [`ChunkRequest`]s with [`Chunk`]s on
-//! a per-bundle topic every downloader of that bundle listens to.
+//! a per-bundle topic every downloader of that bundle listens to. The control plane's own
+//! retained [`ControlPlaneState`] tells agents whether anyone is listening to their telemetry.
 
 use std::collections::BTreeMap;
 
@@ -312,6 +313,33 @@ pub enum EventKind {
     },
 }
 
+/// Retained on [`topics::control_plane_state`](super::topics::control_plane_state): whether
+/// the control plane is connected and subscribed to agents' topics.
+///
+/// The control plane publishes `online` after its subscriptions on every connection, and its
+/// Last Will says `offline`. A broker forwards a message only to the subscriptions it has when
+/// the message arrives, so agents hold telemetry back until they have seen `online` on their
+/// current connection: nothing goes into a broker nobody listens to (after a broker restart,
+/// or while the control plane is down). The same idea as Sparkplug's host application STATE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlPlaneState {
+    /// Whether the control plane is listening.
+    pub online: bool,
+    /// When the control-plane process started, Unix milliseconds. Its will carries the same
+    /// value, so the late will of an earlier process is recognisably stale.
+    pub epoch: u64,
+}
+
+impl ControlPlaneState {
+    /// Whether a receiver that last followed `newest` should follow this message. `online`
+    /// always counts (a control plane whose clock stepped back is still the one listening);
+    /// `offline` only when it is not older than `newest`, since a process's will follows its
+    /// own announcement and an earlier process's will is stale.
+    pub fn supersedes(&self, newest: Option<&ControlPlaneState>) -> bool {
+        self.online || newest.is_none_or(|newest| self.epoch >= newest.epoch)
+    }
+}
+
 /// What the control plane wants one agent to run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredState {
@@ -485,6 +513,32 @@ mod tests {
         let window = h.since(&earlier);
         assert_eq!(window.count(), 1);
         assert!(window.quantile(0.99).unwrap() > 1000.0);
+    }
+
+    #[test]
+    fn a_control_plane_state_older_than_the_newest_is_stale() {
+        let online = |epoch| ControlPlaneState {
+            online: true,
+            epoch,
+        };
+        let will = |epoch| ControlPlaneState {
+            online: false,
+            epoch,
+        };
+        assert!(online(5).supersedes(None));
+        assert!(will(5).supersedes(Some(&online(5))), "its own will");
+        assert!(
+            !will(4).supersedes(Some(&online(5))),
+            "a late will of an earlier process"
+        );
+        assert!(
+            online(6).supersedes(Some(&will(5))),
+            "a restarted control plane"
+        );
+        assert!(
+            online(4).supersedes(Some(&will(5))),
+            "its clock stepped back"
+        );
     }
 
     #[test]

@@ -48,6 +48,11 @@ pub mod topics {
         format!("{TOPIC_ROOT}/bundles/{digest}/chunks")
     }
 
+    /// Retained [`super::ControlPlaneState`]: whether the control plane listens to agents.
+    pub fn control_plane_state() -> String {
+        format!("{TOPIC_ROOT}/control-plane/state")
+    }
+
     /// Subscription filter matching one kind of per-agent topic for all agents.
     pub fn all_agents(kind: &str) -> String {
         format!("{TOPIC_ROOT}/agents/+/{kind}")
