@@ -68,6 +68,11 @@ impl Proc {
         }
     }
 
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the process has not exited yet.
     pub fn running(&mut self) -> bool {
         match self.child.as_mut() {
@@ -460,6 +465,11 @@ impl AgentProc {
             .with_file_name(format!("{}-{}.log", spec.id, self.starts));
         self.proc = Some(Proc::spawn(&spec.id, command, &log));
         wait_listening(self.spec.api.port(), &self.spec.id);
+    }
+
+    /// The agent's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().and_then(Proc::pid)
     }
 
     /// SIGKILLs the agent.

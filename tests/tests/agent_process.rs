@@ -1,9 +1,12 @@
-//! The `flotilla-agent` binary as a process: standalone serving and graceful SIGTERM.
+//! The `flotilla-agent` binary as a process: standalone serving, graceful SIGTERM, and
+//! ONNX Runtime loaded only once a model needs it.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use flotilla_tests::fleet::VIEWER_TOKEN;
+use flotilla_tests::procs::{release, Cluster, MODEL};
 use flotilla_tests::{binary, free_port, pack_signed, write_public_key, TestKeys};
 
 #[tokio::test]
@@ -91,4 +94,47 @@ async fn standalone_serve_refuses_an_untrusted_bundle() {
         stderr.contains("signed only by unknown keys") && stderr.contains("raw.fbundle"),
         "{stderr}"
     );
+}
+
+/// Whether the process `pid` has the ONNX Runtime library mapped.
+fn maps_onnxruntime(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .expect("process maps readable")
+        .contains("libonnxruntime")
+}
+
+/// The library costs about 20 MB of resident memory, so an idle agent only checks that it is
+/// there (and says so in its birth), and loads it with the first model that runs on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onnxruntime_is_loaded_by_the_first_model_not_at_start() {
+    if std::env::var_os("ORT_DYLIB_PATH").is_none() {
+        if std::env::var("FLOTILLA_SKIP_ORT").as_deref() == Ok("1") {
+            eprintln!("skipping: ORT_DYLIB_PATH is not set and FLOTILLA_SKIP_ORT=1");
+            return;
+        }
+        panic!("set ORT_DYLIB_PATH to the onnxruntime library (FLOTILLA_SKIP_ORT=1 skips)");
+    }
+    let mut cluster = Cluster::embedded();
+    cluster.start_agent("edge-1", &[("site", "lab")]);
+    cluster.wait_online(&["edge-1"]).await;
+    let pid = cluster.agent("edge-1").pid().expect("agent runs");
+
+    let (_, record) = cluster.get("/agents/edge-1", Some(VIEWER_TOKEN)).await;
+    let backends = &record["capabilities"]["backends"];
+    assert!(
+        backends.as_array().unwrap().contains(&"ort".into()),
+        "{record:#}"
+    );
+    assert!(!maps_onnxruntime(pid), "loaded with no model to run");
+
+    cluster
+        .install_everywhere(
+            release(&cluster.keys, "1.0.0", 1, None),
+            "1.0.0",
+            &["edge-1"],
+        )
+        .await;
+    let served = cluster.served("edge-1", MODEL).await.expect("serves");
+    assert_eq!(served["parameters"]["backend"], "ort", "{served:#}");
+    assert!(maps_onnxruntime(pid));
 }

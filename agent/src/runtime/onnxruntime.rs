@@ -124,8 +124,7 @@ impl OrtRuntime {
     }
 
     fn load(settings: &OrtSettings) -> Result<OrtRuntime, String> {
-        let from_env = std::env::var_os(LIBRARY_ENV).map(PathBuf::from);
-        let library = resolve_library(settings.library.as_deref(), from_env.as_deref())?;
+        let library = locate_library(settings)?;
 
         // Loading comes first: every other call into ort needs the library.
         let builder = ort::init_from(&library)
@@ -145,6 +144,12 @@ impl OrtRuntime {
             .map_err(|e| format!("cannot start onnxruntime: {e}"))?;
         Ok(OrtRuntime { env, library })
     }
+}
+
+/// Where the library is, from `settings` or `ORT_DYLIB_PATH`, without loading it.
+pub fn locate_library(settings: &OrtSettings) -> Result<PathBuf, String> {
+    let from_env = std::env::var_os(LIBRARY_ENV).map(PathBuf::from);
+    resolve_library(settings.library.as_deref(), from_env.as_deref())
 }
 
 /// The configured library, else the environment's; checked to exist so that a missing file

@@ -48,31 +48,49 @@ impl Placement {
         if !self.backends.contains(&Backend::Ort) {
             return None;
         }
-        static SAID: Once = Once::new();
         match OrtRuntime::init(&self.ort) {
             Ok(runtime) => {
-                SAID.call_once(|| {
+                LOADED.call_once(|| {
                     info!(library = %runtime.library().display(), "onnxruntime loaded");
                 });
                 Some(runtime)
             }
             Err(error) => {
-                SAID.call_once(|| {
-                    warn!(%error, "onnxruntime is not available; models run on tract");
-                });
+                say_unavailable(&error.to_string());
                 None
             }
         }
     }
 
-    /// The preferred backends this host can run, in order.
+    /// Whether ONNX Runtime can serve here without loading it: it is loaded already, or its
+    /// library is where the settings say. The library costs about 20 MB of resident memory,
+    /// so it is loaded only when a model needs it; a library that is present but broken shows
+    /// up then, as a load failure that falls back like any other.
+    fn ort_present(&self) -> bool {
+        if !self.backends.contains(&Backend::Ort) {
+            return false;
+        }
+        if OrtRuntime::get().is_some() {
+            return true;
+        }
+        match super::onnxruntime::locate_library(&self.ort) {
+            Ok(_) => true,
+            Err(reason) => {
+                say_unavailable(&reason);
+                false
+            }
+        }
+    }
+
+    /// The preferred backends this host can run, in order; ONNX Runtime as
+    /// [`Placement::ort_present`] sees it.
     pub fn available_backends(&self) -> Vec<Backend> {
         self.backends
             .iter()
             .copied()
             .filter(|b| match b {
                 Backend::Tract => true,
-                Backend::Ort => self.ort().is_some(),
+                Backend::Ort => self.ort_present(),
             })
             .collect()
     }
@@ -90,8 +108,24 @@ impl Placement {
             }
             (GpuProviders::Auto, _) => Vec::new(),
         };
-        plan(&self.available_backends(), allowed, &gpu)
+        let available: Vec<Backend> = self
+            .backends
+            .iter()
+            .copied()
+            .filter(|b| *b == Backend::Tract || ort.is_some())
+            .collect();
+        plan(&available, allowed, &gpu)
     }
+}
+
+/// Said once per process, however many times it is found.
+static LOADED: Once = Once::new();
+static UNAVAILABLE: Once = Once::new();
+
+fn say_unavailable(reason: &str) {
+    UNAVAILABLE.call_once(|| {
+        warn!(error = %reason, "onnxruntime is not available; models run on tract");
+    });
 }
 
 /// Orders targets: each preferred backend the bundle allows, ONNX Runtime with the GPU
