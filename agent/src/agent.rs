@@ -123,6 +123,12 @@ impl<T> AbortOnDrop<T> {
     fn is_finished(&self) -> bool {
         self.0.is_finished()
     }
+
+    /// Aborts the task and waits until it is gone, with everything it held released.
+    async fn stop(mut self) {
+        self.0.abort();
+        let _ = (&mut self.0).await;
+    }
 }
 
 impl<T> Drop for AbortOnDrop<T> {
@@ -200,7 +206,9 @@ pub async fn run(
     }
 
     info!("shutting down");
-    drop(install.take());
+    if let Some(install) = install.take() {
+        install.task.stop().await;
+    }
     api.stop().await;
     let drained = shared.slot.drain(Duration::from_secs(10)).await;
     if !drained {
@@ -218,7 +226,9 @@ pub async fn run(
     if let Err(e) = shared.link.shutdown(offline.encode()).await {
         warn!(error = %e, "offline presence not confirmed");
     }
-    drop(delivery);
+    // Only once the delivery task is gone is the store closed: a caller may open it again
+    // as soon as this returns.
+    delivery.stop().await;
     Ok(())
 }
 
