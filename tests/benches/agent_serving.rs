@@ -18,6 +18,9 @@ use flotilla_agent::store::Store;
 use flotilla_shared::manifest::Backend;
 use flotilla_tests::{binary, free_port, models_dir, pack_signed, write_public_key, TestKeys};
 
+/// Alternating rounds of in-process and served requests.
+const ROUNDS: usize = 6;
+
 const SENTENCE: &str = "The quick brown fox jumps over the lazy dog near the river bank today.";
 
 struct Timing {
@@ -67,23 +70,12 @@ fn main() {
     let served = staged.served.clone();
     let name = served.manifest.id();
 
-    // In-process: the runtime alone, one sentence at a time.
+    // The runtime alone and the same request through the local API over loopback HTTP, one
+    // client, in alternating rounds so that drift in the machine's speed (other load, clock
+    // changes) falls on both paths alike.
     let texts = vec![SENTENCE.to_owned()];
-    for _ in 0..20 {
-        served.model.run_texts(&texts).unwrap();
-    }
-    let samples = (0..iterations)
-        .map(|_| {
-            let t = Instant::now();
-            served.model.run_texts(&texts).unwrap();
-            t.elapsed()
-        })
-        .collect();
-    let inprocess = summarise(samples);
-
-    // Served: the same request through the local API over loopback HTTP, one client.
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (served_timing, floor) = runtime.block_on(async {
+    let (inprocess, served_timing, floor) = runtime.block_on(async {
         let slot = Arc::new(ModelSlot::new(2));
         slot.activate(served.clone());
         let config = ApiConfig {
@@ -96,24 +88,29 @@ fn main() {
         let url = format!("http://{}/v1/embed", api.addr);
         let client = reqwest::Client::new();
         let body = serde_json::json!({"inputs": SENTENCE});
-        for _ in 0..20 {
-            client
-                .post(&url)
-                .json(&body)
-                .send()
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap();
-        }
-        let mut samples = Vec::with_capacity(iterations);
-        for _ in 0..iterations {
-            let t = Instant::now();
+        let call = || async {
             let response = client.post(&url).json(&body).send().await.unwrap();
             assert!(response.status().is_success());
             response.bytes().await.unwrap();
-            samples.push(t.elapsed());
+        };
+        for _ in 0..20 {
+            served.model.run_texts(&texts).unwrap();
+            call().await;
+        }
+        let per_round = iterations.div_ceil(ROUNDS);
+        let mut inprocess = Vec::with_capacity(iterations);
+        let mut http = Vec::with_capacity(iterations);
+        for _ in 0..ROUNDS {
+            for _ in 0..per_round {
+                let t = Instant::now();
+                served.model.run_texts(&texts).unwrap();
+                inprocess.push(t.elapsed());
+            }
+            for _ in 0..per_round {
+                let t = Instant::now();
+                call().await;
+                http.push(t.elapsed());
+            }
         }
         // The HTTP floor: the same client and server with no model work, for diagnosis.
         let live = format!("http://{}/v2/health/live", api.addr);
@@ -131,14 +128,14 @@ fn main() {
             floor.push(t.elapsed());
         }
         api.stop().await;
-        (summarise(samples), summarise(floor))
+        (summarise(inprocess), summarise(http), summarise(floor))
     });
 
     let idle_rss = idle_resident_memory();
 
     let overhead = inprocess.per_second / served_timing.per_second - 1.0;
     println!();
-    println!("agent serving benchmark: {name}, one sentence per request, {iterations} requests, tract backend");
+    println!("agent serving benchmark: {name}, one sentence per request, {iterations} requests per path in {ROUNDS} alternating rounds, tract backend");
     println!("| path | req/s | p50 ms | p99 ms |");
     println!("|---|---:|---:|---:|");
     for (label, t) in [

@@ -246,6 +246,9 @@ fn deadline(headers: &HeaderMap) -> Result<Option<Instant>, ApiError> {
     ))
 }
 
+/// Requests with at most this many bytes of text are tokenised on the async worker.
+const INLINE_TOKENIZE_BYTES: usize = 1024;
+
 /// Runs texts through the model's text pipeline, batched with concurrent requests unless
 /// batching is off, and counts the request in the metrics.
 async fn run_texts(
@@ -279,9 +282,12 @@ async fn batched(
     texts: Vec<String>,
     deadline: Option<Instant>,
 ) -> Result<run::TextRun, ApiError> {
-    // Tokenising is CPU work of its own; it runs beside the batch in progress.
+    let text_bytes: usize = texts.iter().map(String::len).sum();
+    // Tokenising is CPU work of its own; it runs beside the batch in progress. A short
+    // request is tokenised in place (tens of microseconds, less than a hop to a blocking
+    // thread and back costs); anything longer goes to a blocking thread.
     let tokenizing = model.clone();
-    let (batch, tokenize) = tokio::task::spawn_blocking(move || {
+    let encode = move || {
         let meta = tokenizing.model.meta();
         let text = tokenizing
             .model
@@ -290,9 +296,14 @@ async fn batched(
         let started = Instant::now();
         let batch = text.encode(&texts)?;
         Ok::<_, RuntimeError>((batch, started.elapsed()))
-    })
-    .await
-    .map_err(|e| ApiError::Task(e.to_string()))??;
+    };
+    let (batch, tokenize) = if text_bytes <= INLINE_TOKENIZE_BYTES {
+        encode()?
+    } else {
+        tokio::task::spawn_blocking(encode)
+            .await
+            .map_err(|e| ApiError::Task(e.to_string()))??
+    };
 
     let answer = state
         .batcher
