@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use flotilla_tests::fleet::Fleet;
 use flotilla_tests::procs::release;
-use serde_json::json;
 
 use flotilla_tests::procs::MODEL;
 const CHUNK: u32 = 16 * 1024;
@@ -35,14 +34,7 @@ async fn run(downloaders: usize) -> (u64, u64, f64) {
     let size = bundle.len() as u64;
     fleet.upload(bundle).await;
     let started = Instant::now();
-    let id = fleet
-        .rollout(json!({
-            "bundle": format!("{MODEL}@1.0.0"),
-            "selector": "",
-            "waves": [{ "size": { "percent": 100 }, "bake_secs": 0 }],
-        }))
-        .await;
-    fleet.wait_rollout(&id, |r| r["state"] == "completed").await;
+    fleet.roll_out_everywhere("1.0.0").await;
     let seconds = started.elapsed().as_secs_f64();
     let metrics = reqwest::get(format!("http://{}/metrics", fleet.server().api_addr))
         .await

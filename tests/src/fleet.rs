@@ -231,6 +231,20 @@ impl Fleet {
         self.api.rollout(&self.url(""), spec).await
     }
 
+    /// Rolls the uploaded `MODEL@version` out to every agent in one wave without bake and
+    /// waits until the rollout completes; returns its id.
+    pub async fn roll_out_everywhere(&self, version: &str) -> String {
+        let id = self
+            .rollout(serde_json::json!({
+                "bundle": format!("{}@{version}", crate::procs::MODEL),
+                "selector": "",
+                "waves": [{ "size": { "percent": 100 }, "bake_secs": 0 }],
+            }))
+            .await;
+        self.wait_rollout(&id, |r| r["state"] == "completed").await;
+        id
+    }
+
     /// Polls the rollout until `done` holds for its view; panics with the last view on
     /// timeout.
     pub async fn wait_rollout(&self, id: &str, done: impl Fn(&Value) -> bool) -> Value {

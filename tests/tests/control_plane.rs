@@ -40,14 +40,7 @@ async fn on_v1(mut fleet: Fleet) -> (Fleet, Vec<&'static str>) {
     }
     fleet.wait_online(&agents).await;
     fleet.upload(release("1.0.0", 1, &fleet)).await;
-    let id = fleet
-        .rollout(json!({
-            "bundle": format!("{MODEL}@1.0.0"),
-            "selector": "",
-            "waves": [{ "size": { "percent": 100 }, "bake_secs": 0 }],
-        }))
-        .await;
-    fleet.wait_rollout(&id, |r| r["state"] == "completed").await;
+    fleet.roll_out_everywhere("1.0.0").await;
     for agent in &agents {
         fleet.wait_version(agent, "1.0.0").await;
     }
@@ -204,14 +197,7 @@ async fn agents_reach_the_embedded_broker_over_tls() {
     });
     fleet.wait_online(&["edge-tls"]).await;
     fleet.upload(release("1.0.0", 1, &fleet)).await;
-    let id = fleet
-        .rollout(json!({
-            "bundle": format!("{MODEL}@1.0.0"),
-            "selector": "",
-            "waves": [{ "size": { "percent": 100 }, "bake_secs": 0 }],
-        }))
-        .await;
-    fleet.wait_rollout(&id, |r| r["state"] == "completed").await;
+    fleet.roll_out_everywhere("1.0.0").await;
     assert_eq!(served_version(&fleet, "edge-tls").await, "1.0.0");
     fleet.shutdown().await;
 }
