@@ -137,8 +137,9 @@ pub struct InferenceConfig {
     /// The ONNX Runtime shared library (`libonnxruntime.so.*`). Default: the `ORT_DYLIB_PATH`
     /// environment variable; with neither, models run on tract.
     pub onnxruntime_library: Option<PathBuf>,
-    /// Threads in ONNX Runtime's one intra-op pool, shared by every loaded model; its threads
-    /// never spin. Default 0: one per core.
+    /// Threads in each backend's one pool, shared by every model loaded on it: ONNX Runtime's
+    /// intra-op pool (its threads never spin) and the pool tract splits large matrix products
+    /// over. Default 0: one per core.
     #[serde(default)]
     pub intra_op_threads: usize,
     /// GPU execution providers to try before the CPU, in order: `"tensorrt"`, `"cuda"`.

@@ -22,6 +22,7 @@ pub use onnx_meta::{read_onnx_signature, OnnxSignature};
 pub use onnxruntime::{OrtRuntime, OrtSettings, Provider};
 pub use placement::{plan, GpuProviders, Placement};
 pub use text::{TextBatch, TextPipeline};
+pub use tract::POOL_THREAD as TRACT_POOL_THREAD;
 
 /// Why a model could not be loaded or run.
 #[derive(Debug, thiserror::Error)]
@@ -277,7 +278,9 @@ fn load_engine(
     ort: &OrtSettings,
 ) -> Result<std::sync::Arc<dyn Engine>, RuntimeError> {
     Ok(match target {
-        Target::Tract => std::sync::Arc::new(tract::TractEngine::load(path, meta)?),
+        Target::Tract => {
+            std::sync::Arc::new(tract::TractEngine::load(path, meta, ort.intra_op_threads)?)
+        }
         Target::Ort(provider) => {
             let runtime = OrtRuntime::init(ort)?;
             std::sync::Arc::new(onnxruntime::OrtEngine::load(runtime, path, meta, provider)?)

@@ -1,10 +1,11 @@
 //! The tract backend: pure Rust, CPU only, always available.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use flotilla_shared::manifest::{Backend, ModelMeta};
 use flotilla_shared::tensor::{Tensor as WireTensor, TensorData};
+use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::*;
 
 use super::{Engine, EngineInfo, RuntimeError};
@@ -13,6 +14,8 @@ use super::{Engine, EngineInfo, RuntimeError};
 /// symbolic, so one optimised plan serves every batch size and sequence length).
 pub struct TractEngine {
     plan: Arc<TypedRunnableModel>,
+    /// Where tract splits large matrix products: the process's one pool.
+    executor: Executor,
     /// For each declared input (manifest order), its position among the graph's inputs.
     input_order: Vec<usize>,
     /// Output names in graph order.
@@ -20,8 +23,13 @@ pub struct TractEngine {
 }
 
 impl TractEngine {
-    /// Parses, optimises and plans the model at `path`.
-    pub fn load(path: &Path, meta: &ModelMeta) -> Result<Self, RuntimeError> {
+    /// Parses, optimises and plans the model at `path`, to run on the process's tract pool of
+    /// `threads` threads (0: one per core; see [`pool`]).
+    pub fn load(path: &Path, meta: &ModelMeta, threads: usize) -> Result<Self, RuntimeError> {
+        let executor = pool(threads).map_err(|reason| RuntimeError::LoadModel {
+            path: path.to_owned(),
+            reason,
+        })?;
         let fail = |e: TractError| RuntimeError::LoadModel {
             path: path.to_owned(),
             reason: format!("{e:#}"),
@@ -68,6 +76,7 @@ impl TractEngine {
         let plan = typed.into_runnable().map_err(fail)?;
         Ok(Self {
             plan,
+            executor,
             input_order,
             output_names,
         })
@@ -92,10 +101,9 @@ impl Engine for TractEngine {
             .map(|t| t.expect("invariant: order_inputs filled every declared input"))
             .collect();
 
-        let outputs = self
-            .plan
-            .run(graph_inputs)
-            .map_err(|e| RuntimeError::Run(format!("{e:#}")))?;
+        let outputs =
+            multithread_tract_scope(self.executor.clone(), || self.plan.run(graph_inputs))
+                .map_err(|e| RuntimeError::Run(format!("{e:#}")))?;
         outputs
             .iter()
             .zip(&self.output_names)
@@ -103,6 +111,36 @@ impl Engine for TractEngine {
             .collect()
     }
 }
+
+/// The one pool every tract model runs on, like ONNX Runtime's intra-op pool: built by the
+/// first model that needs it, so an idle agent has no such threads, and of a fixed size however
+/// many models are loaded; the first size asked for is the one kept. Rayon's idle workers
+/// sleep after a brief spin. One thread needs no pool: tract then runs on the caller's thread.
+pub fn pool(threads: usize) -> Result<Executor, String> {
+    static POOL: Mutex<Option<Executor>> = Mutex::new(None);
+    let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(executor) = pool.as_ref() {
+        return Ok(executor.clone());
+    }
+    let threads = match threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let executor = if threads == 1 {
+        Executor::SingleThread
+    } else {
+        let built = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("{POOL_THREAD}{i}"))
+            .build()
+            .map_err(|e| format!("cannot start tract's thread pool: {e}"))?;
+        Executor::MultiThread(Arc::new(built))
+    };
+    Ok(pool.insert(executor).clone())
+}
+
+/// How the pool's threads are named (then their index), as `top -H` shows them.
+pub const POOL_THREAD: &str = "tract-pool-";
 
 fn to_tract(t: WireTensor) -> Result<Tensor, RuntimeError> {
     let shape = t.shape.clone();
