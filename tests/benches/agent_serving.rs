@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_agent::agent::ApiServer;
+use flotilla_agent::api::{INFERENCE_TIME, QUEUE_TIME, TOKENIZATION_TIME};
 use flotilla_agent::config::ApiConfig;
 use flotilla_agent::install::{Installer, Trust};
 use flotilla_agent::metrics::Metrics;
@@ -22,6 +23,16 @@ use flotilla_tests::{binary, free_port, models_dir, pack_signed, write_public_ke
 const ROUNDS: usize = 6;
 
 const SENTENCE: &str = "The quick brown fox jumps over the lazy dog near the river bank today.";
+
+/// Mean milliseconds per request: the whole of each path, and the served one in the parts the
+/// agent reports.
+struct Breakdown {
+    inprocess_ms: f64,
+    served_ms: f64,
+    tokenize_ms: f64,
+    queue_ms: f64,
+    model_ms: f64,
+}
 
 struct Timing {
     per_second: f64,
@@ -75,7 +86,7 @@ fn main() {
     // changes) falls on both paths alike.
     let texts = vec![SENTENCE.to_owned()];
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (inprocess, served_timing, floor) = runtime.block_on(async {
+    let (inprocess, served_timing, floor, breakdown) = runtime.block_on(async {
         let slot = Arc::new(ModelSlot::new(2));
         slot.activate(served.clone());
         let config = ApiConfig {
@@ -88,10 +99,16 @@ fn main() {
         let url = format!("http://{}/v1/embed", api.addr);
         let client = reqwest::Client::new();
         let body = serde_json::json!({"inputs": SENTENCE});
+        // The agent's own account of each request, from its timing headers: tokenising,
+        // queueing, model; whatever else the client saw was HTTP, JSON and thread hand-offs.
         let call = || async {
             let response = client.post(&url).json(&body).send().await.unwrap();
             assert!(response.status().is_success());
+            let ms =
+                |name: &str| -> f64 { response.headers()[name].to_str().unwrap().parse().unwrap() };
+            let parts = [ms(TOKENIZATION_TIME), ms(QUEUE_TIME), ms(INFERENCE_TIME)];
             response.bytes().await.unwrap();
+            parts
         };
         for _ in 0..20 {
             served.model.run_texts(&texts).unwrap();
@@ -100,6 +117,7 @@ fn main() {
         let per_round = iterations.div_ceil(ROUNDS);
         let mut inprocess = Vec::with_capacity(iterations);
         let mut http = Vec::with_capacity(iterations);
+        let mut parts = [0f64; 3];
         for _ in 0..ROUNDS {
             for _ in 0..per_round {
                 let t = Instant::now();
@@ -108,8 +126,11 @@ fn main() {
             }
             for _ in 0..per_round {
                 let t = Instant::now();
-                call().await;
+                let said = call().await;
                 http.push(t.elapsed());
+                for (sum, ms) in parts.iter_mut().zip(said) {
+                    *sum += ms;
+                }
             }
         }
         // The HTTP floor: the same client and server with no model work, for diagnosis.
@@ -128,7 +149,23 @@ fn main() {
             floor.push(t.elapsed());
         }
         api.stop().await;
-        (summarise(inprocess), summarise(http), summarise(floor))
+        let served = http.len() as f64;
+        let mean = |samples: &[Duration]| {
+            samples.iter().sum::<Duration>().as_secs_f64() * 1e3 / samples.len() as f64
+        };
+        let breakdown = Breakdown {
+            inprocess_ms: mean(&inprocess),
+            served_ms: mean(&http),
+            tokenize_ms: parts[0] / served,
+            queue_ms: parts[1] / served,
+            model_ms: parts[2] / served,
+        };
+        (
+            summarise(inprocess),
+            summarise(http),
+            summarise(floor),
+            breakdown,
+        )
     });
 
     let idle_rss = idle_resident_memory();
@@ -151,6 +188,17 @@ fn main() {
     println!(
         "http floor (GET /v2/health/live, same client): p50 {:.3} ms, p99 {:.3} ms",
         floor.p50_ms, floor.p99_ms
+    );
+    let b = &breakdown;
+    println!(
+        "mean per request: in-process {:.3} ms; served {:.3} ms = tokenise {:.3} + queue {:.3} \
+         + model {:.3} + the rest {:.3} (HTTP, JSON, hand-offs)",
+        b.inprocess_ms,
+        b.served_ms,
+        b.tokenize_ms,
+        b.queue_ms,
+        b.model_ms,
+        b.served_ms - b.tokenize_ms - b.queue_ms - b.model_ms,
     );
     match idle_rss {
         Some(kib) => println!(
