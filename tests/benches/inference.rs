@@ -47,13 +47,13 @@ fn summarise(mut samples: Vec<Duration>, items_per_sample: usize, wall: Duration
     }
 }
 
-fn stage(backend: Backend, threads: usize) -> Arc<ServedModel> {
+/// Verifies and stages MiniLM for `backend` in `scratch`, the way an agent installs it.
+fn stage(backend: Backend, threads: usize, scratch: &std::path::Path) -> Arc<ServedModel> {
     let keys = TestKeys::default();
     let bundle = pack_signed(
         models_dir().join("minilm/out").to_str().unwrap(),
         &keys.publisher,
     );
-    let scratch = tempfile::tempdir().unwrap().keep();
     let trust = Trust {
         publishers: vec![keys.publisher.public()],
         threshold: 1,
@@ -61,7 +61,7 @@ fn stage(backend: Backend, threads: usize) -> Arc<ServedModel> {
     };
     let mut placement = Placement::new(vec![backend]);
     placement.ort.intra_op_threads = threads;
-    let installer = Installer::new(Store::open(&scratch).unwrap(), trust, vec![backend])
+    let installer = Installer::new(Store::open(scratch).unwrap(), trust, vec![backend])
         .with_placement(placement);
     let verified = installer.verify_new(&bundle).unwrap();
     let served = installer.stage(&verified, &bundle).unwrap().served;
@@ -173,8 +173,10 @@ fn main() {
     .unwrap();
 
     let raw = raw_onnxruntime(threads, iterations);
-    let ort = stage(Backend::Ort, threads);
-    let tract = stage(Backend::Tract, threads);
+    // Each backend's agent store, removed when the benchmark ends.
+    let scratch = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let ort = stage(Backend::Ort, threads, scratch[0].path());
+    let tract = stage(Backend::Tract, threads, scratch[1].path());
     let runtime = tokio::runtime::Runtime::new().unwrap();
 
     println!();
