@@ -11,7 +11,7 @@ use flotilla_shared::manifest::Truncation;
 mod models;
 use models::{meta, models};
 
-/// The pool's threads in this process: their ids, and the CPU time each has used, in ticks.
+/// The pool's threads in this process: their names, and the CPU time each has used, in ticks.
 fn pool_threads() -> Vec<(String, u64)> {
     let mut threads = Vec::new();
     for task in std::fs::read_dir("/proc/self/task").unwrap() {
