@@ -235,8 +235,11 @@ async fn next_batch(shared: &Shared) -> Option<Vec<Job>> {
     let max_wait = Duration::from_millis(shared.config.max_wait_ms);
     let mut jobs: Vec<Job> = Vec::new();
     loop {
-        let full = take(shared, &mut jobs);
+        // Read before taking: a request is queued before it gives up its admission, so when
+        // none are arriving here, the take below sees every request admitted so far. Read
+        // after, a request could queue and leave between the two and miss this batch.
         let arriving = shared.arriving.load(Ordering::SeqCst) > 0;
+        let full = take(shared, &mut jobs);
         let waited = formed.elapsed();
         if full || !arriving || waited >= max_wait {
             if !jobs.is_empty() {
