@@ -137,9 +137,9 @@ pub struct InferenceConfig {
     /// The ONNX Runtime shared library (`libonnxruntime.so.*`). Default: the `ORT_DYLIB_PATH`
     /// environment variable; with neither, models run on tract.
     pub onnxruntime_library: Option<PathBuf>,
-    /// Threads in each backend's one pool, shared by every model loaded on it: ONNX Runtime's
-    /// intra-op pool (its threads never spin) and the pool tract splits large matrix products
-    /// over. Default 0: one per core.
+    /// Threads in each of the two pools every model shares: ONNX Runtime's intra-op pool (its
+    /// threads never spin) and the agent's CPU pool, which tract splits large matrix products
+    /// over and large requests are tokenised on. Default 0: one per core.
     #[serde(default)]
     pub intra_op_threads: usize,
     /// GPU execution providers to try before the CPU, in order: `"tensorrt"`, `"cuda"`.

@@ -8,6 +8,7 @@ mod fallback;
 mod onnx_meta;
 pub mod onnxruntime;
 mod placement;
+mod pool;
 pub mod selftest;
 pub mod text;
 mod tract;
@@ -21,8 +22,8 @@ pub use fallback::{EngineLadder, EngineLoader, Target};
 pub use onnx_meta::{read_onnx_signature, OnnxSignature};
 pub use onnxruntime::{OrtRuntime, OrtSettings, Provider};
 pub use placement::{plan, GpuProviders, Placement};
+pub use pool::POOL_THREAD as CPU_POOL_THREAD;
 pub use text::{TextBatch, TextPipeline};
-pub use tract::POOL_THREAD as TRACT_POOL_THREAD;
 
 /// Why a model could not be loaded or run.
 #[derive(Debug, thiserror::Error)]
@@ -212,7 +213,12 @@ impl Model {
         ort: &OrtSettings,
     ) -> Result<Self, RuntimeError> {
         let text = match &meta.text {
-            Some(settings) => Some(TextPipeline::load(dir, meta, settings)?),
+            Some(settings) => Some(TextPipeline::load(
+                dir,
+                meta,
+                settings,
+                ort.intra_op_threads,
+            )?),
             None => None,
         };
         let (path, loader_meta, ort) = (dir.join(&meta.entry), meta.clone(), ort.clone());

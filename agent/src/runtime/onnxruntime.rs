@@ -72,8 +72,8 @@ impl std::fmt::Display for Provider {
 pub struct OrtSettings {
     /// The shared library; `None` falls back to [`LIBRARY_ENV`].
     pub library: Option<PathBuf>,
-    /// Threads in the one intra-op pool every session shares; 0 means one per core. tract's
-    /// pool, shared by every tract model, takes the same size, so that whichever backend a
+    /// Threads in the one intra-op pool every session shares; 0 means one per core. The CPU
+    /// pool (tract's products, tokenising) takes the same size, so that whichever backend a
     /// model lands on it gets the same thread budget.
     pub intra_op_threads: usize,
 }

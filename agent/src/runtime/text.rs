@@ -1,21 +1,29 @@
 //! Text models: HuggingFace tokenisation in, pooled embeddings or class probabilities out.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use flotilla_shared::manifest::{text_output_name, ModelMeta, Pooling, Task, TextMeta, Truncation};
 use flotilla_shared::tensor::{DataType, Tensor, TensorData, TensorSpec};
-use tokenizers::{Tokenizer, TruncationParams};
+use tokenizers::{Encoding, Tokenizer, TruncationParams};
+use tract_linalg::multithread::Executor;
 
-use super::RuntimeError;
+use super::{pool, RuntimeError};
 
 /// Inputs a BERT-family graph may take, all filled from the tokenizer.
 const TEXT_INPUTS: [&str; 3] = ["input_ids", "attention_mask", "token_type_ids"];
+
+/// Requests of several texts with at least this many bytes in all are tokenised in parallel on
+/// the CPU pool: a few hundred microseconds of work, well above the cost of waking the pool.
+const PARALLEL_TOKENIZE_BYTES: usize = 2048;
 
 /// A tokenizer configured by the bundle's text settings.
 pub struct TextPipeline {
     tokenizer: Tokenizer,
     settings: TextMeta,
     pad_id: u32,
+    /// Where large requests are tokenised; `None` on a one-thread budget.
+    pool: Option<Arc<rayon::ThreadPool>>,
 }
 
 /// One tokenised batch, unpadded.
@@ -56,12 +64,24 @@ impl TextBatch {
 }
 
 impl TextPipeline {
-    /// Loads the bundle's tokenizer and checks the graph takes only tokenizer-fed inputs.
-    pub fn load(dir: &Path, meta: &ModelMeta, settings: &TextMeta) -> Result<Self, RuntimeError> {
+    /// Loads the bundle's tokenizer and checks the graph takes only tokenizer-fed inputs; large
+    /// requests will be tokenised on the process's CPU pool of `threads` threads (0: one per
+    /// core; see [`pool::shared`]).
+    pub fn load(
+        dir: &Path,
+        meta: &ModelMeta,
+        settings: &TextMeta,
+        threads: usize,
+    ) -> Result<Self, RuntimeError> {
         let path = dir.join(&settings.tokenizer);
         let fail = |reason: String| RuntimeError::LoadTokenizer {
             path: path.clone(),
             reason,
+        };
+        let pool = match pool::shared(threads).map_err(&fail)? {
+            Executor::MultiThread(pool) => Some(pool),
+            // One thread (the shared pool is never rayon's global one).
+            _ => None,
         };
         let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| fail(e.to_string()))?;
 
@@ -109,6 +129,7 @@ impl TextPipeline {
             tokenizer,
             settings: settings.clone(),
             pad_id,
+            pool,
         })
     }
 
@@ -130,11 +151,7 @@ impl TextPipeline {
             offsets: Vec::with_capacity(texts.len()),
             truncated: Vec::with_capacity(texts.len()),
         };
-        for (index, text) in texts.iter().enumerate() {
-            let encoding = self
-                .tokenizer
-                .encode(text.as_str(), true)
-                .map_err(|e| RuntimeError::Tokenize(e.to_string()))?;
+        for (index, encoding) in self.tokenize(texts)?.into_iter().enumerate() {
             if encoding.len() > max {
                 return Err(RuntimeError::TextTooLong {
                     index,
@@ -149,6 +166,23 @@ impl TextPipeline {
             batch.offsets.push(encoding.get_offsets().to_vec());
         }
         Ok(batch)
+    }
+
+    /// Each text's encoding, in order: in parallel on the CPU pool when the request is large
+    /// enough to gain from it, else one after another on the calling thread.
+    fn tokenize(&self, texts: &[String]) -> Result<Vec<Encoding>, RuntimeError> {
+        let bytes: usize = texts.iter().map(String::len).sum();
+        let encoded = match &self.pool {
+            Some(pool) if texts.len() > 1 && bytes >= PARALLEL_TOKENIZE_BYTES => {
+                let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                pool.install(|| self.tokenizer.encode_batch(inputs, true))
+            }
+            _ => texts
+                .iter()
+                .map(|text| self.tokenizer.encode(text.as_str(), true))
+                .collect(),
+        };
+        encoded.map_err(|e| RuntimeError::Tokenize(e.to_string()))
     }
 
     /// Pads the batch to its widest text and builds the graph's inputs in declared order.

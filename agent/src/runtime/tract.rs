@@ -1,20 +1,20 @@
 //! The tract backend: pure Rust, CPU only, always available.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use flotilla_shared::manifest::{Backend, ModelMeta};
 use flotilla_shared::tensor::{Tensor as WireTensor, TensorData};
 use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::*;
 
-use super::{Engine, EngineInfo, RuntimeError};
+use super::{pool, Engine, EngineInfo, RuntimeError};
 
 /// A model optimised by tract for the shapes its ONNX graph declares (symbolic dimensions stay
 /// symbolic, so one optimised plan serves every batch size and sequence length).
 pub struct TractEngine {
     plan: Arc<TypedRunnableModel>,
-    /// Where tract splits large matrix products: the process's one pool.
+    /// Where tract splits large matrix products: the process's CPU pool.
     executor: Executor,
     /// For each declared input (manifest order), its position among the graph's inputs.
     input_order: Vec<usize>,
@@ -23,10 +23,10 @@ pub struct TractEngine {
 }
 
 impl TractEngine {
-    /// Parses, optimises and plans the model at `path`, to run on the process's tract pool of
-    /// `threads` threads (0: one per core; see [`pool`]).
+    /// Parses, optimises and plans the model at `path`, to run on the process's CPU pool of
+    /// `threads` threads (0: one per core; see [`pool::shared`]).
     pub fn load(path: &Path, meta: &ModelMeta, threads: usize) -> Result<Self, RuntimeError> {
-        let executor = pool(threads).map_err(|reason| RuntimeError::LoadModel {
+        let executor = pool::shared(threads).map_err(|reason| RuntimeError::LoadModel {
             path: path.to_owned(),
             reason,
         })?;
@@ -111,36 +111,6 @@ impl Engine for TractEngine {
             .collect()
     }
 }
-
-/// The one pool every tract model runs on, like ONNX Runtime's intra-op pool: built by the
-/// first model that needs it, so an idle agent has no such threads, and of a fixed size however
-/// many models are loaded; the first size asked for is the one kept. Rayon's idle workers
-/// sleep after a brief spin. One thread needs no pool: tract then runs on the caller's thread.
-pub fn pool(threads: usize) -> Result<Executor, String> {
-    static POOL: Mutex<Option<Executor>> = Mutex::new(None);
-    let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(executor) = pool.as_ref() {
-        return Ok(executor.clone());
-    }
-    let threads = match threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
-    let executor = if threads == 1 {
-        Executor::SingleThread
-    } else {
-        let built = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("{POOL_THREAD}{i}"))
-            .build()
-            .map_err(|e| format!("cannot start tract's thread pool: {e}"))?;
-        Executor::MultiThread(Arc::new(built))
-    };
-    Ok(pool.insert(executor).clone())
-}
-
-/// How the pool's threads are named (then their index), as `top -H` shows them.
-pub const POOL_THREAD: &str = "tract-pool-";
 
 fn to_tract(t: WireTensor) -> Result<Tensor, RuntimeError> {
     let shape = t.shape.clone();
