@@ -2,7 +2,8 @@
 
 Runs one InferenceSession (CPU provider, the given intra-op thread count, spinning off as the
 agent has it) on batches of sentences tokenised to exactly --seq-len tokens, and prints one JSON
-line: {"batch", "per_second" (sentences), "p50_ms", "p99_ms"} per batch size.
+line: {"batch", "per_second" (sentences), "p50_ms", "p99_ms", "samples_ms" (each run's time, in
+order)} per batch size.
 
 Usage:
     python3 models/minilm/bench_ort.py --threads 2 --batches 1,8,32 [--iterations 50]
@@ -58,9 +59,19 @@ def main() -> int:
             pooled = hidden.mean(axis=1)
             pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
             samples.append(time.perf_counter() - started)
-        samples.sort()
-        pick = lambda q: samples[min(int(len(samples) * q), len(samples) - 1)] * 1e3  # noqa: E731
-        print(json.dumps({"batch": batch, "per_second": batch * len(samples) / sum(samples), "p50_ms": pick(0.5), "p99_ms": pick(0.99)}))
+        ordered = sorted(samples)
+        pick = lambda q: ordered[min(int(len(ordered) * q), len(ordered) - 1)] * 1e3  # noqa: E731
+        print(
+            json.dumps(
+                {
+                    "batch": batch,
+                    "per_second": batch * len(samples) / sum(samples),
+                    "p50_ms": pick(0.5),
+                    "p99_ms": pick(0.99),
+                    "samples_ms": [s * 1e3 for s in samples],
+                }
+            )
+        )
     return 0
 
 

@@ -1,11 +1,14 @@
 //! Benchmark (not a test): all-MiniLM-L6-v2 at sequence length 128, batch 1, 8 and 32, side by
 //! side: raw Python onnxruntime, the agent's `/v1/embed` on ONNX Runtime and on tract, and 64
-//! concurrent one-sentence clients with batching on and off. Prints a table with the ratios.
+//! concurrent one-sentence clients with batching on and off, with 128-token sentences and
+//! again with short ones. Prints a table with the ratios.
 //!
 //! Needs the MiniLM build (see the README) and the onnxruntime wheel (for the library and the
 //! raw baseline). Run with `cargo bench -p flotilla-tests --bench inference`; `BENCH_THREADS`
 //! sets the thread count everywhere (default: the number of cores), `BENCH_ITERATIONS` the
-//! requests per row (default 50).
+//! requests per row (default 50), `BENCH_ROUNDS` the rounds they are split into (default 4).
+//! Each row's paths take turns, round by round, so that the host's speed drifting during the
+//! run (it does, by several per cent) does not land on one path alone.
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -26,9 +29,12 @@ use flotilla_tests::{models_dir, pack_signed, TestKeys};
 mod onnxruntime;
 
 /// A sentence of well over 128 tokens; the bundle truncates it to exactly 128.
-fn sentence() -> String {
+fn long_sentence() -> String {
     "the quick brown fox jumps over the lazy dog near the river bank ".repeat(20)
 }
+
+/// A query-sized sentence: 16 tokens with [CLS] and [SEP].
+const SHORT_SENTENCE: &str = "how do i reset the password on my home router after the update";
 
 #[derive(Clone, Copy)]
 struct Timing {
@@ -37,13 +43,32 @@ struct Timing {
     p99_ms: f64,
 }
 
-fn summarise(mut samples: Vec<Duration>, items_per_sample: usize, wall: Duration) -> Timing {
-    samples.sort_unstable();
-    let pick = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-    Timing {
-        per_second: (samples.len() * items_per_sample) as f64 / wall.as_secs_f64(),
-        p50_ms: pick(0.50).as_secs_f64() * 1e3,
-        p99_ms: pick(0.99).as_secs_f64() * 1e3,
+/// One path's request latencies, gathered over its rounds.
+#[derive(Default)]
+struct Samples {
+    latencies: Vec<Duration>,
+    /// Time the rounds took, summed.
+    wall: Duration,
+    /// Sentences served.
+    sentences: usize,
+}
+
+impl Samples {
+    fn add(&mut self, round: Samples) {
+        self.latencies.extend(round.latencies);
+        self.wall += round.wall;
+        self.sentences += round.sentences;
+    }
+
+    fn timing(&self) -> Timing {
+        let mut sorted = self.latencies.clone();
+        sorted.sort_unstable();
+        let pick = |q: f64| sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)];
+        Timing {
+            per_second: self.sentences as f64 / self.wall.as_secs_f64(),
+            p50_ms: pick(0.50).as_secs_f64() * 1e3,
+            p99_ms: pick(0.99).as_secs_f64() * 1e3,
+        }
     }
 }
 
@@ -69,15 +94,25 @@ fn stage(backend: Backend, threads: usize, scratch: &std::path::Path) -> Arc<Ser
     served
 }
 
-/// Serves `model` and runs `clients` concurrent clients, each sending `iterations` requests of
-/// `batch` sentences; returns sentences per second and per-request latency.
-async fn serve(
-    model: Arc<ServedModel>,
-    batching: bool,
+/// How a benchmark row loads the agent.
+#[derive(Clone, Copy)]
+struct Load<'a> {
     clients: usize,
+    /// Sentences per request.
     batch: usize,
+    /// Requests per client.
     iterations: usize,
-) -> Timing {
+    sentence: &'a str,
+}
+
+/// Serves `model` and runs `load` against it; returns each request's latency.
+async fn serve(model: Arc<ServedModel>, batching: bool, load: Load<'_>) -> Samples {
+    let Load {
+        clients,
+        batch,
+        iterations,
+        sentence,
+    } = load;
     let slot = Arc::new(ModelSlot::new(clients.max(2)));
     slot.activate(model);
     let config = ApiConfig {
@@ -92,7 +127,7 @@ async fn serve(
         .await
         .unwrap();
     let url = format!("http://{}/v1/embed", api.addr);
-    let body = serde_json::json!({ "inputs": vec![sentence(); batch] });
+    let body = serde_json::json!({ "inputs": vec![sentence; batch] });
     let client = reqwest::Client::new();
     for _ in 0..3 {
         let r = client.post(&url).json(&body).send().await.unwrap();
@@ -116,20 +151,28 @@ async fn serve(
             })
         })
         .collect();
-    let mut samples = Vec::new();
+    let mut latencies = Vec::new();
     for task in tasks {
-        samples.extend(task.await.unwrap());
+        latencies.extend(task.await.unwrap());
     }
     let wall = started.elapsed();
     api.stop().await;
-    summarise(samples, batch, wall)
+    Samples {
+        sentences: latencies.len() * batch,
+        latencies,
+        wall,
+    }
 }
 
-fn raw_onnxruntime(threads: usize, iterations: usize) -> Vec<(usize, Timing)> {
+/// Raw onnxruntime's run times at `batch`, on inputs of `tokens` tokens; its wall time is the
+/// runs' sum, as `bench_ort.py` counts it.
+fn raw_onnxruntime(threads: usize, iterations: usize, batch: usize, tokens: usize) -> Samples {
     let script = models_dir().join("minilm/bench_ort.py");
     let output = Command::new("python3")
         .arg(script)
-        .args(["--threads", &threads.to_string(), "--batches", "1,8,32"])
+        .args(["--threads", &threads.to_string()])
+        .args(["--batches", &batch.to_string()])
+        .args(["--seq-len", &tokens.to_string()])
         .args(["--iterations", &iterations.to_string()])
         .output()
         .expect("python3 runs");
@@ -138,18 +181,18 @@ fn raw_onnxruntime(threads: usize, iterations: usize) -> Vec<(usize, Timing)> {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(|line| {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            let t = Timing {
-                per_second: v["per_second"].as_f64().unwrap(),
-                p50_ms: v["p50_ms"].as_f64().unwrap(),
-                p99_ms: v["p99_ms"].as_f64().unwrap(),
-            };
-            (v["batch"].as_u64().unwrap() as usize, t)
-        })
-        .collect()
+    let line: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let latencies: Vec<Duration> = line["samples_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|ms| Duration::from_secs_f64(ms.as_f64().unwrap() / 1e3))
+        .collect();
+    Samples {
+        wall: latencies.iter().sum(),
+        sentences: latencies.len() * batch,
+        latencies,
+    }
 }
 
 fn main() {
@@ -172,65 +215,117 @@ fn main() {
     })
     .unwrap();
 
-    let raw = raw_onnxruntime(threads, iterations);
     // Each backend's agent store, removed when the benchmark ends.
     let scratch = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let ort = stage(Backend::Ort, threads, scratch[0].path());
     let tract = stage(Backend::Tract, threads, scratch[1].path());
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4)
+        .max(1);
+    let per_round = iterations.div_ceil(rounds);
 
     println!();
     println!(
-        "all-MiniLM-L6-v2, sequence length 128, {threads} threads, {iterations} requests per row; \
-         throughput in sentences/s, latency per request"
+        "all-MiniLM-L6-v2, sequence length 128, {threads} threads, {} requests per row in \
+         {rounds} rounds; throughput in sentences/s, latency per request",
+        per_round * rounds
     );
     println!("| batch | path | sent/s | p50 ms | p99 ms | ratio |");
     println!("|---:|---|---:|---:|---:|---|");
-    for (batch, raw) in raw {
-        let served_ort = runtime.block_on(serve(ort.clone(), false, 1, batch, iterations));
-        let served_tract = runtime.block_on(serve(tract.clone(), false, 1, batch, iterations));
-        let rows = [
-            ("raw onnxruntime (python)", raw, String::new()),
-            (
-                "agent /v1/embed, ort",
-                served_ort,
-                format!(
-                    "{:.2}x raw (target >= 0.95)",
-                    served_ort.per_second / raw.per_second
-                ),
-            ),
-            (
-                "agent /v1/embed, tract",
-                served_tract,
-                format!(
-                    "{:.2}x ort (target >= 0.5)",
-                    served_tract.per_second / served_ort.per_second
-                ),
-            ),
-        ];
-        for (path, t, ratio) in rows {
-            println!(
-                "| {batch} | {path} | {:.1} | {:.2} | {:.2} | {ratio} |",
-                t.per_second, t.p50_ms, t.p99_ms
-            );
+    let long = long_sentence();
+    for batch in [1, 8, 32] {
+        let load = Load {
+            clients: 1,
+            batch,
+            iterations: per_round,
+            sentence: &long,
+        };
+        let [mut raw, mut served_ort, mut served_tract] = <[Samples; 3]>::default();
+        for _ in 0..rounds {
+            raw.add(raw_onnxruntime(threads, per_round, batch, 128));
+            served_ort.add(runtime.block_on(serve(ort.clone(), false, load)));
+            served_tract.add(runtime.block_on(serve(tract.clone(), false, load)));
         }
+        let (raw, served_ort, served_tract) =
+            (raw.timing(), served_ort.timing(), served_tract.timing());
+        print_rows(
+            batch,
+            [
+                ("raw onnxruntime (python)", raw, String::new()),
+                (
+                    "agent /v1/embed, ort",
+                    served_ort,
+                    format!(
+                        "{:.2}x raw (target >= 0.95)",
+                        served_ort.per_second / raw.per_second
+                    ),
+                ),
+                (
+                    "agent /v1/embed, tract",
+                    served_tract,
+                    format!(
+                        "{:.2}x ort (target >= 0.5)",
+                        served_tract.per_second / served_ort.per_second
+                    ),
+                ),
+            ],
+        );
     }
 
-    let per_client = (iterations / 8).max(2);
-    let off = runtime.block_on(serve(ort.clone(), false, 64, 1, per_client));
-    let on = runtime.block_on(serve(ort.clone(), true, 64, 1, per_client));
+    let per_client = (iterations / 8).max(rounds).div_ceil(rounds);
     println!();
-    println!("64 concurrent one-sentence clients, {per_client} requests each, ort backend");
-    println!("| batching | sent/s | p50 ms | p99 ms |");
-    println!("|---|---:|---:|---:|");
-    for (label, t) in [("off", off), ("on", on)] {
+    println!(
+        "64 concurrent one-sentence clients, {} requests each in {rounds} rounds, ort backend; \
+         raw onnxruntime's gain from batch 1 to batch 64 is the ceiling for any batching",
+        per_client * rounds
+    );
+    println!("| tokens | path | sent/s | p50 ms | p99 ms | ratio |");
+    println!("|---:|---|---:|---:|---:|---|");
+    for (tokens, sentence) in [(128, long.as_str()), (16, SHORT_SENTENCE)] {
+        let load = Load {
+            clients: 64,
+            batch: 1,
+            iterations: per_client,
+            sentence,
+        };
+        let [mut single, mut batch_64, mut off, mut on] = <[Samples; 4]>::default();
+        for _ in 0..rounds {
+            single.add(raw_onnxruntime(threads, per_round, 1, tokens));
+            // As many sentences as the 64 clients send in a round.
+            batch_64.add(raw_onnxruntime(threads, per_client, 64, tokens));
+            off.add(runtime.block_on(serve(ort.clone(), false, load)));
+            on.add(runtime.block_on(serve(ort.clone(), true, load)));
+        }
+        let [single, batch_64, off, on] = [single, batch_64, off, on].map(|s| s.timing());
+        print_rows(
+            tokens,
+            [
+                ("raw onnxruntime, batch 1", single, String::new()),
+                (
+                    "raw onnxruntime, batch 64",
+                    batch_64,
+                    format!("{:.2}x batch 1", batch_64.per_second / single.per_second),
+                ),
+                ("agent, batching off", off, String::new()),
+                (
+                    "agent, batching on",
+                    on,
+                    format!("{:.2}x off (target >= 3)", on.per_second / off.per_second),
+                ),
+            ],
+        );
+    }
+}
+
+/// Prints one markdown row per path, each starting with `key`.
+fn print_rows<const N: usize>(key: usize, rows: [(&str, Timing, String); N]) {
+    for (path, t, ratio) in rows {
         println!(
-            "| {label} | {:.1} | {:.2} | {:.2} |",
+            "| {key} | {path} | {:.1} | {:.2} | {:.2} | {ratio} |",
             t.per_second, t.p50_ms, t.p99_ms
         );
     }
-    println!(
-        "batching speed-up: {:.2}x (target >= 3)",
-        on.per_second / off.per_second
-    );
 }
