@@ -138,7 +138,31 @@ pub fn binary(name: &str) -> PathBuf {
     build
         .args(["build", "--quiet", "-p", package, "--bin", name])
         .current_dir(repo_root());
-    if release {
+    // Cargo runs this process with its package's variables set (CARGO_PKG_NAME, OUT_DIR and
+    // the like). Build scripts (ring's, cc's) watch some of those names, and cargo compares
+    // them against its own environment: inherited, they would mark those scripts changed, and
+    // this build and cargo's own would keep rebuilding the TLS stack and the agent in turn
+    // (minutes on every benchmark run).
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let set_by_cargo = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ]
+        .iter()
+        .any(|prefix| key.starts_with(prefix))
+            || ["CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "OUT_DIR"].contains(&&*key);
+        if set_by_cargo {
+            build.env_remove(&*key);
+        }
+    }
+    // A benchmark (cargo runs it with `--bench`) was built in the bench profile: build the
+    // binary in the same one, so that it reuses what that build made.
+    if std::env::args().any(|arg| arg == "--bench") {
+        build.args(["--profile", "bench"]);
+    } else if release {
         build.arg("--release");
     }
     let status = build.status().expect("cargo runs");
