@@ -17,6 +17,7 @@ use flotilla_agent::metrics::Metrics;
 use flotilla_agent::serving::ModelSlot;
 use flotilla_agent::store::Store;
 use flotilla_shared::manifest::Backend;
+use flotilla_tests::bench::Timing;
 use flotilla_tests::{binary, free_port, models_dir, pack_signed, write_public_key, TestKeys};
 
 /// Alternating rounds of in-process and served requests.
@@ -34,21 +35,9 @@ struct Breakdown {
     model_ms: f64,
 }
 
-struct Timing {
-    per_second: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-}
-
-fn summarise(mut samples: Vec<Duration>) -> Timing {
-    samples.sort_unstable();
-    let total: Duration = samples.iter().sum();
-    let pick = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-    Timing {
-        per_second: samples.len() as f64 / total.as_secs_f64(),
-        p50_ms: pick(0.50).as_secs_f64() * 1e3,
-        p99_ms: pick(0.99).as_secs_f64() * 1e3,
-    }
+/// Requests one after another: throughput over the time they took in all.
+fn summarise(samples: Vec<Duration>) -> Timing {
+    Timing::of(&samples, samples.len(), samples.iter().sum())
 }
 
 fn main() {

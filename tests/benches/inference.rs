@@ -23,6 +23,7 @@ use flotilla_agent::runtime::{OrtRuntime, OrtSettings, Placement};
 use flotilla_agent::serving::{ModelSlot, ServedModel};
 use flotilla_agent::store::Store;
 use flotilla_shared::manifest::Backend;
+use flotilla_tests::bench::Timing;
 use flotilla_tests::{models_dir, pack_signed, TestKeys};
 
 #[path = "../../agent/tests/support/onnxruntime.rs"]
@@ -35,13 +36,6 @@ fn long_sentence() -> String {
 
 /// A query-sized sentence: 16 tokens with [CLS] and [SEP].
 const SHORT_SENTENCE: &str = "how do i reset the password on my home router after the update";
-
-#[derive(Clone, Copy)]
-struct Timing {
-    per_second: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-}
 
 /// One path's request latencies, gathered over its rounds.
 #[derive(Default)]
@@ -61,14 +55,7 @@ impl Samples {
     }
 
     fn timing(&self) -> Timing {
-        let mut sorted = self.latencies.clone();
-        sorted.sort_unstable();
-        let pick = |q: f64| sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)];
-        Timing {
-            per_second: self.sentences as f64 / self.wall.as_secs_f64(),
-            p50_ms: pick(0.50).as_secs_f64() * 1e3,
-            p99_ms: pick(0.99).as_secs_f64() * 1e3,
-        }
+        Timing::of(&self.latencies, self.sentences, self.wall)
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod bench;
 pub mod fleet;
 pub mod procs;
 

@@ -1,0 +1,28 @@
+//! What the benchmarks report for a path: throughput and latency percentiles.
+
+use std::time::Duration;
+
+/// One path's figures.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Items (requests or sentences) per second of `wall`.
+    pub per_second: f64,
+    /// Median latency.
+    pub p50_ms: f64,
+    /// 99th-percentile latency.
+    pub p99_ms: f64,
+}
+
+impl Timing {
+    /// Figures for `items` served in `wall`, from each request's latency.
+    pub fn of(latencies: &[Duration], items: usize, wall: Duration) -> Self {
+        let mut sorted = latencies.to_vec();
+        sorted.sort_unstable();
+        let pick = |q: f64| sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)];
+        Self {
+            per_second: items as f64 / wall.as_secs_f64(),
+            p50_ms: pick(0.50).as_secs_f64() * 1e3,
+            p99_ms: pick(0.99).as_secs_f64() * 1e3,
+        }
+    }
+}
