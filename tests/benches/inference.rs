@@ -6,7 +6,9 @@
 //! Needs the MiniLM build (see the README) and the onnxruntime wheel (for the library and the
 //! raw baseline). Run with `cargo bench -p flotilla-tests --bench inference`; `BENCH_THREADS`
 //! sets the thread count everywhere (default: the number of cores), `BENCH_ITERATIONS` the
-//! requests per row (default 50), `BENCH_ROUNDS` the rounds they are split into (default 4).
+//! requests per row (default 50), `BENCH_ROUNDS` the rounds they are split into (default 4),
+//! `BENCH_PROVIDER` the ONNX Runtime provider both the raw and the served path run on: `cpu`
+//! (default) or `cuda` (with the `onnxruntime-gpu` wheel, on a GPU host).
 //! Each row's paths take turns, round by round, so that the host's speed drifting during the
 //! run (it does, by several per cent) does not land on one path alone.
 
@@ -19,7 +21,7 @@ use flotilla_agent::agent::ApiServer;
 use flotilla_agent::config::{ApiConfig, BatchingConfig};
 use flotilla_agent::install::{Installer, Trust};
 use flotilla_agent::metrics::Metrics;
-use flotilla_agent::runtime::{OrtRuntime, OrtSettings, Placement};
+use flotilla_agent::runtime::{GpuProviders, OrtRuntime, OrtSettings, Placement, Provider};
 use flotilla_agent::serving::{ModelSlot, ServedModel};
 use flotilla_agent::store::Store;
 use flotilla_shared::manifest::Backend;
@@ -59,8 +61,14 @@ impl Samples {
     }
 }
 
-/// Verifies and stages MiniLM for `backend` in `scratch`, the way an agent installs it.
-fn stage(backend: Backend, threads: usize, scratch: &std::path::Path) -> Arc<ServedModel> {
+/// Verifies and stages MiniLM for `backend` in `scratch`, the way an agent installs it; on
+/// ONNX Runtime, with `provider` and nothing else.
+fn stage(
+    backend: Backend,
+    provider: Provider,
+    threads: usize,
+    scratch: &std::path::Path,
+) -> Arc<ServedModel> {
     let keys = TestKeys::default();
     let bundle = pack_signed(
         models_dir().join("minilm/out").to_str().unwrap(),
@@ -73,11 +81,27 @@ fn stage(backend: Backend, threads: usize, scratch: &std::path::Path) -> Arc<Ser
     };
     let mut placement = Placement::new(vec![backend]);
     placement.ort.intra_op_threads = threads;
+    // Only the provider asked for: on a GPU host the CPU rows must not run on the GPU.
+    placement.gpu_providers =
+        GpuProviders::Listed(Some(provider).filter(|p| p.is_gpu()).into_iter().collect());
     let installer = Installer::new(Store::open(scratch).unwrap(), trust, vec![backend])
         .with_placement(placement);
     let verified = installer.verify_new(&bundle).unwrap();
     let served = installer.stage(&verified, &bundle).unwrap().served;
-    assert_eq!(served.model.info().backend, backend);
+    let info = served.model.info();
+    assert_eq!(info.backend, backend);
+    if backend == Backend::Ort {
+        // ONNX Runtime falls back to the CPU when a GPU provider fails; measuring that as
+        // the GPU would be wrong.
+        assert_eq!(
+            info.provider,
+            provider.as_str(),
+            "asked for {}, runs on {} (on a GPU host, ORT_DYLIB_PATH must name the \
+             onnxruntime-gpu wheel's library)",
+            provider.as_str(),
+            info.provider
+        );
+    }
     served
 }
 
@@ -153,10 +177,17 @@ async fn serve(model: Arc<ServedModel>, batching: bool, load: Load<'_>) -> Sampl
 
 /// Raw onnxruntime's run times at `batch`, on inputs of `tokens` tokens; its wall time is the
 /// runs' sum, as `bench_ort.py` counts it.
-fn raw_onnxruntime(threads: usize, iterations: usize, batch: usize, tokens: usize) -> Samples {
+fn raw_onnxruntime(
+    provider: Provider,
+    threads: usize,
+    iterations: usize,
+    batch: usize,
+    tokens: usize,
+) -> Samples {
     let script = models_dir().join("minilm/bench_ort.py");
     let output = Command::new("python3")
         .arg(script)
+        .args(["--provider", provider.as_str()])
         .args(["--threads", &threads.to_string()])
         .args(["--batches", &batch.to_string()])
         .args(["--seq-len", &tokens.to_string()])
@@ -195,6 +226,11 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
+    let provider = match std::env::var("BENCH_PROVIDER").as_deref() {
+        Err(_) | Ok("cpu") => Provider::Cpu,
+        Ok("cuda") => Provider::Cuda,
+        Ok(other) => panic!("BENCH_PROVIDER is cpu or cuda, not {other:?}"),
+    };
     let library = onnxruntime::library().expect("the onnxruntime library");
     OrtRuntime::init(&OrtSettings {
         library: Some(library),
@@ -204,8 +240,8 @@ fn main() {
 
     // Each backend's agent store, removed when the benchmark ends.
     let scratch = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let ort = stage(Backend::Ort, threads, scratch[0].path());
-    let tract = stage(Backend::Tract, threads, scratch[1].path());
+    let ort = stage(Backend::Ort, provider, threads, scratch[0].path());
+    let tract = stage(Backend::Tract, provider, threads, scratch[1].path());
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let rounds: usize = std::env::var("BENCH_ROUNDS")
         .ok()
@@ -216,8 +252,9 @@ fn main() {
 
     println!();
     println!(
-        "all-MiniLM-L6-v2, sequence length 128, {threads} threads, {} requests per row in \
-         {rounds} rounds; throughput in sentences/s, latency per request",
+        "all-MiniLM-L6-v2, sequence length 128, ONNX Runtime on {}, {threads} threads, {} \
+         requests per row in {rounds} rounds; throughput in sentences/s, latency per request",
+        provider.as_str(),
         per_round * rounds
     );
     println!("| batch | path | sent/s | p50 ms | p99 ms | ratio |");
@@ -232,7 +269,7 @@ fn main() {
         };
         let [mut raw, mut served_ort, mut served_tract] = <[Samples; 3]>::default();
         for _ in 0..rounds {
-            raw.add(raw_onnxruntime(threads, per_round, batch, 128));
+            raw.add(raw_onnxruntime(provider, threads, per_round, batch, 128));
             served_ort.add(runtime.block_on(serve(ort.clone(), false, load)));
             served_tract.add(runtime.block_on(serve(tract.clone(), false, load)));
         }
@@ -265,9 +302,10 @@ fn main() {
     let per_client = (iterations / 8).max(rounds).div_ceil(rounds);
     println!();
     println!(
-        "64 concurrent one-sentence clients, {} requests each in {rounds} rounds, ort backend; \
-         raw onnxruntime's gain from batch 1 to batch 64 is the ceiling for any batching",
-        per_client * rounds
+        "64 concurrent one-sentence clients, {} requests each in {rounds} rounds, ort backend \
+         on {}; raw onnxruntime's gain from batch 1 to batch 64 is the ceiling for any batching",
+        per_client * rounds,
+        provider.as_str()
     );
     println!("| tokens | path | sent/s | p50 ms | p99 ms | ratio |");
     println!("|---:|---|---:|---:|---:|---|");
@@ -280,9 +318,9 @@ fn main() {
         };
         let [mut single, mut batch_64, mut off, mut on] = <[Samples; 4]>::default();
         for _ in 0..rounds {
-            single.add(raw_onnxruntime(threads, per_round, 1, tokens));
+            single.add(raw_onnxruntime(provider, threads, per_round, 1, tokens));
             // As many sentences as the 64 clients send in a round.
-            batch_64.add(raw_onnxruntime(threads, per_client, 64, tokens));
+            batch_64.add(raw_onnxruntime(provider, threads, per_client, 64, tokens));
             off.add(runtime.block_on(serve(ort.clone(), false, load)));
             on.add(runtime.block_on(serve(ort.clone(), true, load)));
         }
