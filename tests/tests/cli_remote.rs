@@ -75,6 +75,11 @@ struct Fixture {
 
 impl Fixture {
     fn start() -> Self {
+        Self::start_with(|_| {})
+    }
+
+    /// Like [`Fixture::start`], with `edit` applied to the server's config.
+    fn start_with(edit: impl FnOnce(&mut ServerConfig)) -> Self {
         let dir = tempfile::tempdir().expect("temporary directory");
         let keys = TestKeys::default();
         let publisher = write_public_key(dir.path(), "publisher", &keys.publisher);
@@ -102,6 +107,8 @@ impl Fixture {
             ],
             ..ServerConfig::default()
         };
+        let mut config = config;
+        edit(&mut config);
         let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
         let server = runtime
             .block_on(server::start(config))
@@ -270,6 +277,19 @@ fn garbage_and_unsigned_uploads_show_the_refusal_and_exit_1() {
     fx.operator(&["bundle", "push", missing.to_str().expect("UTF-8")])
         .fails_with("cannot open bundle");
 
+    let empty = fx.operator(&["bundle", "list", "--json"]).ok();
+    assert_eq!(empty.json(), serde_json::json!([]), "nothing was stored");
+}
+
+#[test]
+fn a_bundle_over_the_upload_limit_is_refused_with_the_limit_named() {
+    let fx = Fixture::start_with(|c| c.max_upload_bytes = 1 << 16);
+    // Far more than socket buffers hold: the server's early answer would otherwise arrive
+    // as a broken pipe in the middle of the upload.
+    let large = fx.file("large.bundle", &vec![0; 64 << 20]);
+    fx.operator(&["bundle", "push", &large]).fails_with(
+        "large.bundle is 67108864 bytes, over the server's upload limit of 65536 bytes",
+    );
     let empty = fx.operator(&["bundle", "list", "--json"]).ok();
     assert_eq!(empty.json(), serde_json::json!([]), "nothing was stored");
 }

@@ -403,6 +403,13 @@ async fn the_api_refuses_missing_tokens_low_roles_and_bad_input_with_reasons() {
         .post("/bundles", vec![1, 2, 3], Some(VIEWER_TOKEN))
         .await;
     assert_eq!(status, 403);
+    // What a client checks before a long upload, since refusals come before the body is read.
+    let (status, caller) = fleet.get("/whoami", Some(VIEWER_TOKEN)).await;
+    assert_eq!(status, 200, "{caller}");
+    assert_eq!(
+        caller,
+        json!({"name": "viewer", "role": "viewer", "max_upload_bytes": 1 << 20})
+    );
 
     // Bundles: garbage, unsigned, signed by an untrusted key, too large.
     let (status, body) = fleet

@@ -15,7 +15,13 @@ use crate::server::store::BundleRecord;
 /// Uploads a bundle file as it is; the server verifies it against its trusted publishers.
 pub(in crate::cli) fn push(file: &Path, remote: &RemoteArgs, as_json: bool) -> Result<()> {
     let client = Client::new(remote)?;
-    // Ask first who the token belongs to: a server refusing an upload answers before reading
+    let reader =
+        File::open(file).with_context(|| format!("cannot open bundle {}", file.display()))?;
+    let size = reader
+        .metadata()
+        .with_context(|| format!("cannot read the size of {}", file.display()))?
+        .len();
+    // Ask first what the token may upload: a server refusing an upload answers before reading
     // the body and closes the connection, which a client mid-upload sees as a broken pipe
     // rather than the server's reason.
     let caller = client.get(&["api", "v1", "whoami"], &[])?;
@@ -26,12 +32,15 @@ pub(in crate::cli) fn push(file: &Path, remote: &RemoteArgs, as_json: bool) -> R
             caller.json["role"].as_str().unwrap_or("unknown")
         );
     }
-    let reader =
-        File::open(file).with_context(|| format!("cannot open bundle {}", file.display()))?;
-    let size = reader
-        .metadata()
-        .with_context(|| format!("cannot read the size of {}", file.display()))?
-        .len();
+    if let Some(limit) = caller.json["max_upload_bytes"].as_u64() {
+        if size > limit {
+            anyhow::bail!(
+                "{} is {size} bytes, over the server's upload limit of {limit} bytes \
+                 (`max_upload_bytes` in its config)",
+                file.display()
+            );
+        }
+    }
 
     // indicatif draws on standard error and stays hidden when that is not a terminal.
     let bar = ProgressBar::new(size);

@@ -542,22 +542,26 @@ async fn list_events(
 
 // ---- server ----------------------------------------------------------------------------
 
-/// Who a token belongs to.
+/// Who a token belongs to, and what it may upload.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct WhoAmI {
     /// The token's name in the server's config.
     pub name: String,
     /// Its role.
     pub role: super::config::Role,
+    /// The largest bundle upload the server accepts, in bytes.
+    pub max_upload_bytes: u64,
 }
 
-/// The caller's token name and role: lets a client check its role before a long upload.
+/// The caller's token name and role and the upload limit: a refused upload is answered
+/// before its body is read, so a client checks these before a long upload instead.
 #[utoipa::path(get, path = "/api/v1/whoami", tag = "server", security(("bearer" = [])),
     responses((status = 200, body = WhoAmI), (status = 401, body = ErrorBody)))]
-async fn whoami(caller: Caller) -> Json<WhoAmI> {
+async fn whoami(caller: Caller, State(state): State<AppState>) -> Json<WhoAmI> {
     Json(WhoAmI {
         name: caller.name().to_owned(),
         role: caller.role(),
+        max_upload_bytes: u64::try_from(state.max_upload_bytes).unwrap_or(u64::MAX),
     })
 }
 
