@@ -50,6 +50,14 @@ pub enum RuntimeError {
     /// The requested backend is not built into or available on this host.
     #[error("backend {0} is not available")]
     BackendUnavailable(Backend),
+    /// The CPU thread pool tract and large tokenising run on could not be started.
+    #[error("cannot start the CPU thread pool of {threads} threads: {reason}")]
+    CpuPool {
+        /// Threads asked for.
+        threads: usize,
+        /// What the operating system said.
+        reason: String,
+    },
     /// The ONNX Runtime library could not be found or started.
     #[error("onnxruntime is not available: {0}")]
     OrtUnavailable(String),

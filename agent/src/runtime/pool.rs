@@ -6,6 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use tract_linalg::multithread::Executor;
 
+use super::RuntimeError;
+
 /// How the pool's threads are named (then their index), as `top -H` shows them.
 pub const POOL_THREAD: &str = "cpu-pool-";
 
@@ -13,7 +15,7 @@ pub const POOL_THREAD: &str = "cpu-pool-";
 /// and of a fixed size however many models are loaded: the first size asked for is the one
 /// kept (0: one thread per core). Rayon's idle workers sleep after a brief spin. One thread
 /// needs no pool: the work then runs on the caller's thread.
-pub fn shared(threads: usize) -> Result<Executor, String> {
+pub fn shared(threads: usize) -> Result<Executor, RuntimeError> {
     static POOL: Mutex<Option<Executor>> = Mutex::new(None);
     let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(executor) = pool.as_ref() {
@@ -30,7 +32,10 @@ pub fn shared(threads: usize) -> Result<Executor, String> {
             .num_threads(threads)
             .thread_name(|i| format!("{POOL_THREAD}{i}"))
             .build()
-            .map_err(|e| format!("cannot start the CPU thread pool: {e}"))?;
+            .map_err(|e| RuntimeError::CpuPool {
+                threads,
+                reason: e.to_string(),
+            })?;
         Executor::MultiThread(Arc::new(built))
     };
     Ok(pool.insert(executor).clone())

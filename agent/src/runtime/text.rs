@@ -78,7 +78,7 @@ impl TextPipeline {
             path: path.clone(),
             reason,
         };
-        let pool = match pool::shared(threads).map_err(&fail)? {
+        let pool = match pool::shared(threads)? {
             Executor::MultiThread(pool) => Some(pool),
             // One thread (the shared pool is never rayon's global one).
             _ => None,

@@ -26,10 +26,7 @@ impl TractEngine {
     /// Parses, optimises and plans the model at `path`, to run on the process's CPU pool of
     /// `threads` threads (0: one per core; see [`pool::shared`]).
     pub fn load(path: &Path, meta: &ModelMeta, threads: usize) -> Result<Self, RuntimeError> {
-        let executor = pool::shared(threads).map_err(|reason| RuntimeError::LoadModel {
-            path: path.to_owned(),
-            reason,
-        })?;
+        let executor = pool::shared(threads)?;
         let fail = |e: TractError| RuntimeError::LoadModel {
             path: path.to_owned(),
             reason: format!("{e:#}"),
