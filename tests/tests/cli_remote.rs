@@ -1,6 +1,9 @@
 //! The operator CLI's remote verbs (`bundle push/list`, `rollout ...`, `agents`, `events`): the
 //! real `flotilla` binary against a real control plane started in-process.
 
+#[path = "../../agent/tests/support/broker.rs"]
+mod broker;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -10,7 +13,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use flotilla_control_plane::server::config::{
-    hash_token, MqttConfig, Role, ServerConfig, TokenConfig, TrustConfig,
+    hash_token, ApiTls, MqttConfig, Role, ServerConfig, TokenConfig, TrustConfig,
 };
 use flotilla_control_plane::server::{self, unix_ms, RunningServer};
 use flotilla_shared::manifest::Backend;
@@ -113,7 +116,7 @@ impl Fixture {
         let server = runtime
             .block_on(server::start(config))
             .expect("server starts");
-        let url = format!("http://{}", server.api_addr);
+        let url = server.api_url.clone();
         Self {
             runtime,
             server: Some(server),
@@ -292,6 +295,88 @@ fn a_bundle_over_the_upload_limit_is_refused_with_the_limit_named() {
     );
     let empty = fx.operator(&["bundle", "list", "--json"]).ok();
     assert_eq!(empty.json(), serde_json::json!([]), "nothing was stored");
+}
+
+#[test]
+fn the_cli_speaks_https_to_a_server_with_a_certificate_it_trusts() {
+    let files = broker::tls_files();
+    let fx = Fixture::start_with(|c| {
+        c.api_tls = Some(ApiTls {
+            cert_file: files.server_cert.clone(),
+            key_file: files.server_key.clone(),
+        })
+    });
+    assert!(fx.url.starts_with("https://127.0.0.1:"), "{}", fx.url);
+    let ca = files.ca.to_str().expect("UTF-8");
+    let (file, digest) = fx.signed_bundle();
+
+    let pushed = fx
+        .operator(&["bundle", "push", &file, "--json", "--ca-file", ca])
+        .ok();
+    assert_eq!(pushed.json()["digest"], digest.as_str());
+    let mut listing = fx.command(Some(VIEWER_TOKEN), &["bundle", "list", "--json"]);
+    let listing = listing.env("FLOTILLA_CA_FILE", ca).output().expect("runs");
+    assert!(listing.status.success(), "{listing:?}");
+    let listed: Value = serde_json::from_slice(&listing.stdout).expect("JSON");
+    assert_eq!(listed[0]["digest"], digest.as_str());
+
+    // Not trusting the server's CA is a refusal that says what to do; plain HTTP to the HTTPS
+    // port gets no answer at all.
+    fx.operator(&["agents"])
+        .fails_with("certificate")
+        .fails_with("--ca-file");
+    let plain = fx.url.replacen("https://", "http://", 1);
+    fx.operator(&["agents", "--server", &plain])
+        .fails_with("is the server https://?");
+}
+
+#[test]
+fn a_server_with_unusable_tls_files_stops_before_it_listens_and_says_which() {
+    let files = broker::tls_files();
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let cases = [
+        (
+            files.server_cert.clone(),
+            files.client_key.clone(),
+            "does not fit the certificate",
+        ),
+        (
+            files.server_cert.clone(),
+            dir.path().join("missing.key"),
+            "api_tls.key_file",
+        ),
+        (
+            files.server_key.clone(),
+            files.server_key.clone(),
+            "no certificate in the file",
+        ),
+    ];
+    for (cert_file, key_file, reason) in cases {
+        let mqtt_port = free_port();
+        let config = ServerConfig {
+            data_dir: dir.path().join("data"),
+            listen: "127.0.0.1:0".parse().expect("address"),
+            api_tls: Some(ApiTls {
+                cert_file,
+                key_file,
+            }),
+            mqtt: MqttConfig {
+                listen: format!("127.0.0.1:{mqtt_port}").parse().expect("address"),
+                ..MqttConfig::default()
+            },
+            ..ServerConfig::default()
+        };
+        let err = runtime
+            .block_on(server::start(config))
+            .expect_err("bad TLS files are refused");
+        assert!(format!("{err:#}").contains(reason), "{reason}: {err:#}");
+        // The embedded broker was not started either.
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", mqtt_port)).is_err(),
+            "{reason}: the broker listens"
+        );
+    }
 }
 
 #[test]

@@ -8,7 +8,7 @@ use clap::Args;
 use flotilla_agent::config::BrokerConfig;
 
 use crate::keyfile;
-use crate::server::config::{hash_token, Role, ServerConfig};
+use crate::server::config::{hash_token, ApiTls, Role, ServerConfig};
 
 /// `flotilla server [run]` flags; each overrides the config file.
 #[derive(Debug, Clone, Args)]
@@ -22,6 +22,12 @@ pub struct ServeArgs {
     /// REST API address [default: 127.0.0.1:8080].
     #[arg(long, env = "FLOTILLA_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Serve the API over HTTPS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "FLOTILLA_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The HTTPS certificate's private key (PEM); needs --tls-cert.
+    #[arg(long, env = "FLOTILLA_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Embedded MQTT broker address [default: 127.0.0.1:1883].
     #[arg(long, env = "FLOTILLA_MQTT_LISTEN")]
     pub mqtt_listen: Option<SocketAddr>,
@@ -50,6 +56,12 @@ impl ServeArgs {
         if let Some(listen) = self.listen {
             config.listen = listen;
         }
+        if let (Some(cert_file), Some(key_file)) = (&self.tls_cert, &self.tls_key) {
+            config.api_tls = Some(ApiTls {
+                cert_file: cert_file.clone(),
+                key_file: key_file.clone(),
+            });
+        }
         if let Some(listen) = self.mqtt_listen {
             config.mqtt.listen = listen;
         }
@@ -76,8 +88,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         let server = crate::server::start(config.clone()).await?;
         println!("flotilla control plane");
         println!(
-            "  API        http://{}/api/v1  (OpenAPI: /api/v1/openapi.json)",
-            server.api_addr
+            "  API        {}/api/v1  (OpenAPI: /api/v1/openapi.json)",
+            server.api_url
         );
         match server.mqtt_addr {
             Some(addr) => println!("  MQTT       mqtt://{addr}  (embedded broker)"),

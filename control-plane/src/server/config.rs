@@ -30,6 +30,10 @@ pub struct ServerConfig {
     /// REST API address.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Serve the REST API and the dashboard over HTTPS with this certificate; plain HTTP
+    /// without it.
+    #[serde(default)]
+    pub api_tls: Option<ApiTls>,
     /// MQTT: the embedded broker, or an external one.
     #[serde(default)]
     pub mqtt: MqttConfig,
@@ -77,6 +81,16 @@ pub struct BrokerTls {
     /// Certificate chain (PEM).
     pub cert_file: PathBuf,
     /// Private key (PEM).
+    pub key_file: PathBuf,
+}
+
+/// Certificate and key of the REST API's HTTPS listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTls {
+    /// Certificate chain (PEM), the server's own certificate first.
+    pub cert_file: PathBuf,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
     pub key_file: PathBuf,
 }
 
@@ -153,6 +167,7 @@ impl Default for ServerConfig {
         Self {
             data_dir: default_data_dir(),
             listen: default_listen(),
+            api_tls: None,
             mqtt: MqttConfig::default(),
             trust: TrustConfig::default(),
             tokens: Vec::new(),
@@ -277,6 +292,28 @@ mod tests {
             ..BrokerConfig::default()
         });
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn api_tls_takes_both_files_and_nothing_else() {
+        let config: ServerConfig =
+            toml::from_str("api_tls = { cert_file = \"api.pem\", key_file = \"api.key\" }\n")
+                .unwrap();
+        let tls = config.api_tls.expect("api_tls parsed");
+        assert_eq!(
+            (tls.cert_file, tls.key_file),
+            ("api.pem".into(), "api.key".into())
+        );
+        for text in [
+            "api_tls = { cert_file = \"api.pem\" }",
+            "api_tls = { cert_file = \"a\", key_file = \"b\", ca_file = \"c\" }",
+        ] {
+            assert!(toml::from_str::<ServerConfig>(text).is_err(), "{text}");
+        }
+        assert!(
+            ServerConfig::default().api_tls.is_none(),
+            "plain HTTP by default"
+        );
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //!   the rollout engine and signing desired states.
 //! - [`mqtt`]: the MQTT client tasks (input, publishing, chunk distribution).
 //! - [`broker`]: the embedded rumqttd.
-//! - [`api`]: axum routes, auth and the OpenAPI document; [`metrics`]: Prometheus.
+//! - [`api`]: axum routes, auth and the OpenAPI document; [`metrics`]: Prometheus;
+//!   [`tls`]: HTTPS for them.
 
 pub mod api;
 pub mod broker;
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod registry;
 pub mod store;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -56,6 +58,8 @@ pub fn unix_ms() -> u64 {
 pub struct RunningServer {
     /// Where the REST API listens.
     pub api_addr: SocketAddr,
+    /// Its base URL: `https://` with `api_tls`, else `http://`.
+    pub api_url: String,
     /// Where the embedded broker listens, when there is one.
     pub mqtt_addr: Option<SocketAddr>,
     /// The key agents must trust for desired states.
@@ -105,6 +109,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
     if publishers.is_empty() {
         tracing::warn!("no trusted publisher keys configured: every bundle upload will be refused");
     }
+    // Read before anything starts, so a bad file stops the server with nothing running.
+    let tls = config
+        .api_tls
+        .as_ref()
+        .map(tls::server_config)
+        .transpose()?;
 
     let store = store::Store::open(&config.data_dir)?;
     let mqtt_addr = if config.mqtt.external.is_none() {
@@ -153,21 +163,23 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
         .await
         .with_context(|| format!("cannot listen for the API on {}", config.listen))?;
     let api_addr = listener.local_addr()?;
-    let mut api_shutdown = shutdown_rx;
-    tasks.push(tokio::spawn(async move {
-        let served = axum::serve(listener, api::router(state))
-            .with_graceful_shutdown(async move {
-                let _ = api_shutdown.changed().await;
-            })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "API server failed");
+    tasks.push(match tls {
+        Some(tls) => serve_https(listener, tls, api::router(state), shutdown_rx)?,
+        None => serve_http(listener, api::router(state), shutdown_rx),
+    });
+    let api_url = format!(
+        "{}://{api_addr}",
+        if config.api_tls.is_some() {
+            "https"
+        } else {
+            "http"
         }
-    }));
-    tracing::info!(address = %api_addr, "control plane API listening");
+    );
+    tracing::info!(url = %api_url, "control plane API listening");
 
     Ok(RunningServer {
         api_addr,
+        api_url,
         mqtt_addr,
         public_key,
         admin_token,
@@ -176,6 +188,47 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
         shutdown,
         tasks,
     })
+}
+
+fn serve_http(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown.changed().await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "API server failed");
+        }
+    })
+}
+
+fn serve_https(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: axum::Router,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<JoinHandle<()>> {
+    let handle = axum_server::Handle::new();
+    let server = axum_server::from_tcp_rustls(
+        listener.into_std()?,
+        axum_server::tls_rustls::RustlsConfig::from_config(tls),
+    )?
+    .handle(handle.clone());
+    Ok(tokio::spawn(async move {
+        // As axum::serve does: stop accepting, then let open requests finish.
+        tokio::spawn(async move {
+            let _ = shutdown.changed().await;
+            handle.graceful_shutdown(None);
+        });
+        if let Err(e) = server.serve(router.into_make_service()).await {
+            tracing::error!(error = %e, "API server failed");
+        }
+    }))
 }
 
 async fn run_clock(hub: Arc<Mutex<Hub>>, mut shutdown: watch::Receiver<bool>) {

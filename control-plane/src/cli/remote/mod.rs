@@ -9,6 +9,7 @@ pub(super) mod fleet;
 pub(super) mod rollouts;
 mod table;
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -30,9 +31,13 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Where the control plane is and which token to present; shared by every remote verb.
 #[derive(Debug, Clone, Args)]
 pub struct RemoteArgs {
-    /// Control plane base URL (plain HTTP) [default: http://127.0.0.1:8080].
+    /// Control plane base URL, http:// or https:// [default: http://127.0.0.1:8080].
     #[arg(long, env = "FLOTILLA_SERVER", default_value = DEFAULT_SERVER, hide_default_value = true)]
     pub server: String,
+    /// CA certificate(s) (PEM) that signed an https:// server's certificate, trusted instead
+    /// of the system's roots.
+    #[arg(long, env = "FLOTILLA_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// API bearer token (make one with `flotilla server token`); without one no
     /// Authorization header is sent and the server answers 401.
     #[arg(long, env = "FLOTILLA_TOKEN", hide_env_values = true)]
@@ -75,13 +80,25 @@ impl Client {
     /// Checks the URL and builds the HTTP clients; nothing is sent yet.
     pub(crate) fn new(args: &RemoteArgs) -> Result<Self> {
         let base = parse_server_url(&args.server)?;
+        let roots = match &args.ca_file {
+            Some(path) if base.scheme() == "https" => Some(ca_certificates(path)?),
+            Some(_) => bail!(
+                "--ca-file is for an https:// server; {} is plain HTTP",
+                base
+            ),
+            None => None,
+        };
         let build = |timeout: Option<Duration>| {
-            reqwest::blocking::Client::builder()
+            let builder = reqwest::blocking::Client::builder()
                 .connect_timeout(CONNECT_TIMEOUT)
                 .timeout(timeout)
-                .user_agent(concat!("flotilla/", env!("CARGO_PKG_VERSION")))
-                .build()
-                .context("cannot set up the HTTP client")
+                .user_agent(concat!("flotilla/", env!("CARGO_PKG_VERSION")));
+            match &roots {
+                Some(roots) => builder.tls_certs_only(roots.iter().cloned()),
+                None => builder,
+            }
+            .build()
+            .context("cannot set up the HTTP client")
         };
         Ok(Self {
             base,
@@ -164,8 +181,16 @@ impl Client {
 
     fn transport_error(&self, e: &reqwest::Error, url: &Url) -> anyhow::Error {
         let cause = innermost_cause(e);
-        if e.is_connect() {
+        if e.is_connect() && cause.contains("certificate") {
+            anyhow!(
+                "cannot reach the server at {}: {cause} (--ca-file names the CA that signed \
+                 its certificate)",
+                self.base
+            )
+        } else if e.is_connect() {
             anyhow!("cannot reach the server at {}: {cause}", self.base)
+        } else if self.base.scheme() == "http" && cause.contains("invalid HTTP version") {
+            anyhow!("request to {url} failed: {cause} (is the server https://?)")
         } else if e.is_timeout() {
             anyhow!("the server at {} did not answer in time ({url})", self.base)
         } else {
@@ -174,18 +199,16 @@ impl Client {
     }
 }
 
-/// The server URL as the user gave it, checked: plain `http` with a host. A trailing path
+/// The server URL as the user gave it, checked: `http` or `https` with a host. A trailing path
 /// (a reverse proxy's prefix) is kept.
 fn parse_server_url(text: &str) -> Result<Url> {
     let url = Url::parse(text.trim())
-        .with_context(|| format!("bad server URL {text:?} (expected http://HOST:PORT)"))?;
+        .with_context(|| format!("bad server URL {text:?} (expected http(s)://HOST:PORT)"))?;
     match url.scheme() {
-        "http" => {}
-        "https" => bail!(
-            "server URL {text:?}: this build of flotilla speaks plain HTTP only; \
-             put a TLS-terminating proxy in front of the CLI or use http://"
+        "http" | "https" => {}
+        other => bail!(
+            "server URL {text:?}: unsupported scheme {other:?} (expected http:// or https://)"
         ),
-        other => bail!("server URL {text:?}: unsupported scheme {other:?} (expected http://)"),
     }
     if url.host_str().is_none_or(str::is_empty) {
         bail!("server URL {text:?} names no host");
@@ -194,6 +217,18 @@ fn parse_server_url(text: &str) -> Result<Url> {
         bail!("server URL {text:?} must not carry a query or fragment");
     }
     Ok(url)
+}
+
+/// The certificates of a `--ca-file`.
+fn ca_certificates(path: &Path) -> Result<Vec<reqwest::Certificate>> {
+    let pem = std::fs::read(path)
+        .with_context(|| format!("cannot read the CA file {}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .with_context(|| format!("CA file {} is not PEM certificates", path.display()))?;
+    if certs.is_empty() {
+        bail!("CA file {} holds no certificate", path.display());
+    }
+    Ok(certs)
 }
 
 /// Reads a failed answer's `{"error": ...}` (or its text) into an [`ApiFailure`].
@@ -251,6 +286,7 @@ mod tests {
     fn client(server: &str) -> Client {
         Client::new(&RemoteArgs {
             server: server.into(),
+            ca_file: None,
             token: None,
         })
         .unwrap()
@@ -273,20 +309,45 @@ mod tests {
     }
 
     #[test]
-    fn server_urls_other_than_plain_http_are_refused_with_the_reason() {
+    fn server_urls_other_than_http_or_https_are_refused_with_the_reason() {
         for (url, reason) in [
             ("127.0.0.1:8080", "bad server URL"),
-            ("https://cp.local", "plain HTTP only"),
             ("ftp://cp.local", "unsupported scheme"),
             ("http://cp.local/?x=1", "query"),
         ] {
             let err = Client::new(&RemoteArgs {
                 server: url.into(),
+                ca_file: None,
                 token: None,
             })
             .err()
             .unwrap_or_else(|| panic!("{url} accepted"));
             assert!(err.to_string().contains(reason), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_ca_file_must_hold_certificates_and_goes_with_https_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate\n").unwrap();
+        for (server, ca_file, reason) in [
+            ("http://cp.local", garbage.clone(), "is plain HTTP"),
+            (
+                "https://cp.local",
+                dir.path().join("missing.pem"),
+                "cannot read the CA file",
+            ),
+            ("https://cp.local", garbage, "holds no certificate"),
+        ] {
+            let err = Client::new(&RemoteArgs {
+                server: server.into(),
+                ca_file: Some(ca_file),
+                token: None,
+            })
+            .err()
+            .unwrap_or_else(|| panic!("{server} accepted"));
+            assert!(format!("{err:#}").contains(reason), "{server}: {err:#}");
         }
     }
 }
