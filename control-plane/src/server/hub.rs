@@ -489,6 +489,11 @@ impl Hub {
             .collect()
     }
 
+    /// Every agent, by id, borrowed: for counting under the lock without copying records.
+    pub fn all_agents(&self) -> impl Iterator<Item = &AgentRecord> {
+        self.agents.values()
+    }
+
     /// One agent.
     pub fn agent(&self, id: &str) -> Result<AgentRecord, HubError> {
         self.agents

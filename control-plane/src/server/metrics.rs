@@ -220,11 +220,10 @@ impl ServerMetrics {
     }
 
     fn refresh(&self, hub: &Hub, mqtt: &MqttStats) {
-        let agents = hub.agents(&crate::rollout::Selector::everything());
         let mut presence = BTreeMap::from([("online", 0i64), ("offline", 0i64)]);
         let mut versions: BTreeMap<String, i64> = BTreeMap::new();
         let mut health: BTreeMap<&str, i64> = BTreeMap::new();
-        for agent in &agents {
+        for agent in hub.all_agents() {
             *presence
                 .entry(if agent.online { "online" } else { "offline" })
                 .or_default() += 1;

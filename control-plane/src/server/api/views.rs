@@ -69,20 +69,22 @@ pub struct FleetSummary {
 impl FleetSummary {
     /// Counts the hub's state.
     pub fn new(hub: &Hub) -> Self {
-        let agents = hub.agents(&crate::rollout::Selector::everything());
+        let (mut total, mut online, mut telemetry_missing) = (0, 0, 0);
         let mut by_version = BTreeMap::new();
         let mut by_health = BTreeMap::new();
-        for agent in &agents {
+        for agent in hub.all_agents() {
+            total += 1;
+            online += usize::from(agent.online);
+            telemetry_missing += agent.telemetry_missing;
             *by_version.entry(agent.version_label()).or_default() += 1;
             *by_health
                 .entry(agent.health_label().to_owned())
                 .or_default() += 1;
         }
-        let online = agents.iter().filter(|a| a.online).count();
         Self {
-            agents: agents.len(),
+            agents: total,
             online,
-            offline: agents.len() - online,
+            offline: total - online,
             by_version,
             by_health,
             active_rollouts: hub
@@ -93,7 +95,7 @@ impl FleetSummary {
                 .collect(),
             bundles: hub.bundles().len(),
             dropped_messages: hub.dropped(),
-            telemetry_missing: agents.iter().map(|a| a.telemetry_missing).sum(),
+            telemetry_missing,
         }
     }
 }
