@@ -330,6 +330,144 @@ fn the_cli_speaks_https_to_a_server_with_a_certificate_it_trusts() {
         .fails_with("is the server https://?");
 }
 
+/// Copies the test PKI's `cert` and `key` over `into`'s two files.
+fn install_certificate(cert: &Path, key: &Path, into: &ApiTls) {
+    std::fs::copy(cert, &into.cert_file).expect("copy certificate");
+    std::fs::copy(key, &into.key_file).expect("copy key");
+}
+
+#[test]
+fn a_reloaded_certificate_serves_new_connections_and_a_bad_one_keeps_the_old() {
+    let files = broker::tls_files();
+    let certs = tempfile::tempdir().expect("temporary directory");
+    let api_tls = ApiTls {
+        cert_file: certs.path().join("api.pem"),
+        key_file: certs.path().join("api.key"),
+    };
+    install_certificate(&files.server_cert, &files.server_key, &api_tls);
+    let fx = Fixture::start_with(|c| c.api_tls = Some(api_tls.clone()));
+    let server = fx.server.as_ref().expect("server runs");
+    let ca = files.ca.to_str().expect("UTF-8");
+    fx.operator(&["agents", "--ca-file", ca]).ok();
+
+    std::fs::write(&api_tls.cert_file, "not a certificate\n").expect("write");
+    let err = server.reload_tls().expect_err("garbage is refused");
+    assert!(format!("{err:#}").contains("no certificate"), "{err:#}");
+    fx.operator(&["agents", "--ca-file", ca]).ok();
+
+    // The client certificate is the CA's too, but not one a server may present: once it is
+    // loaded, handshakes fail, which shows the reload took.
+    install_certificate(&files.client_cert, &files.client_key, &api_tls);
+    server.reload_tls().expect("a well-formed pair reloads");
+    fx.operator(&["agents", "--ca-file", ca])
+        .fails_with("invalid peer certificate");
+    install_certificate(&files.server_cert, &files.server_key, &api_tls);
+    server.reload_tls().expect("reloads");
+    fx.operator(&["agents", "--ca-file", ca]).ok();
+
+    let plain = Fixture::start();
+    let err = plain.server.as_ref().expect("server runs").reload_tls();
+    assert!(
+        format!("{:#}", err.expect_err("nothing to reload")).contains("plain HTTP"),
+        "plain server"
+    );
+}
+
+#[test]
+fn sighup_reloads_the_certificate_of_a_running_server() {
+    let files = broker::tls_files();
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let api_tls = ApiTls {
+        cert_file: dir.path().join("api.pem"),
+        key_file: dir.path().join("api.key"),
+    };
+    install_certificate(&files.server_cert, &files.server_key, &api_tls);
+    let (data_dir, log) = (dir.path().join("data"), dir.path().join("server.log"));
+    let port = free_port();
+    let mut child = KillOnDrop(
+        Command::new(flotilla_binary())
+            .arg("server")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--mqtt-listen", &format!("127.0.0.1:{}", free_port())])
+            .arg("--tls-cert")
+            .arg(&api_tls.cert_file)
+            .arg("--tls-key")
+            .arg(&api_tls.key_file)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("flotilla server starts"),
+    );
+    let url = format!("https://127.0.0.1:{port}");
+    let agents = || {
+        let token = std::fs::read_to_string(data_dir.join("admin.token")).unwrap_or_default();
+        Command::new(flotilla_binary())
+            .args(["agents", "--server", &url, "--ca-file"])
+            .arg(&files.ca)
+            .env("FLOTILLA_TOKEN", token.trim())
+            .output()
+            .expect("flotilla runs")
+    };
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}; server log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let hangup = || {
+        let sent = Command::new("kill")
+            .args(["-HUP", &child.0.id().to_string()])
+            .status();
+        assert!(sent.expect("kill runs").success());
+    };
+    wait_for("the server to answer", &|| agents().status.success());
+
+    // A bad file is logged and the server goes on with the old certificate.
+    std::fs::write(&api_tls.key_file, "not a key\n").expect("write");
+    hangup();
+    wait_for("the failed reload in the log", &|| {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("certificate not reloaded"))
+    });
+    assert!(
+        agents().status.success(),
+        "the old certificate still serves"
+    );
+
+    install_certificate(&files.client_cert, &files.client_key, &api_tls);
+    hangup();
+    wait_for("the new certificate", &|| {
+        let out = agents();
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("invalid peer certificate")
+    });
+
+    let stopped = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status();
+    assert!(stopped.expect("kill runs").success());
+    assert_eq!(child.0.wait().expect("server exits").code(), Some(0));
+}
+
+/// A child process that is killed if the test ends before it exits.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 #[test]
 fn a_server_with_unusable_tls_files_stops_before_it_listens_and_says_which() {
     let files = broker::tls_files();

@@ -79,12 +79,15 @@ impl ServeArgs {
     }
 }
 
-/// Runs the server until Ctrl-C or SIGTERM.
+/// Runs the server until Ctrl-C or SIGTERM; SIGHUP reloads the API certificate.
 pub fn run(args: &ServeArgs) -> Result<()> {
     let config = args.config()?;
     init_logging();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        // Before the server starts, so that a signal sent once it answers is never the
+        // default action (for SIGHUP, exiting).
+        let signals = Signals::install();
         let server = crate::server::start(config.clone()).await?;
         println!("flotilla control plane");
         println!(
@@ -118,10 +121,55 @@ pub fn run(args: &ServeArgs) -> Result<()> {
                     .display()
             );
         }
-        wait_for_signal().await;
+        signals.serve_until_stopped(&server).await;
         tracing::info!("shutting down");
         server.stop().await
     })
+}
+
+/// The signals the server acts on.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Self {
+                term: signal(SignalKind::terminate()).expect("invariant: SIGTERM handler installs"),
+                hangup: signal(SignalKind::hangup()).expect("invariant: SIGHUP handler installs"),
+            }
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    /// Waits for Ctrl-C or SIGTERM; on SIGHUP reloads the API certificate (an error is
+    /// logged and the old certificate kept).
+    async fn serve_until_stopped(mut self, server: &crate::server::RunningServer) {
+        #[cfg(unix)]
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = self.term.recv() => break,
+                _ = self.hangup.recv() => {
+                    if let Err(e) = server.reload_tls() {
+                        tracing::error!(error = %format!("{e:#}"), "SIGHUP: certificate not reloaded");
+                    }
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = server;
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 /// Prints a fresh random token and the config entry that accepts it.
@@ -147,19 +195,4 @@ pub fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term =
-            signal(SignalKind::terminate()).expect("invariant: SIGTERM handler installs");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
 }

@@ -29,13 +29,14 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use axum_server::tls_rustls::RustlsConfig;
 use flotilla_shared::{PublicKey, SecretKey};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::keyfile;
-use config::{hash_token, Role, ServerConfig, TokenConfig};
+use config::{hash_token, ApiTls, Role, ServerConfig, TokenConfig};
 use hub::{Hub, HubSettings};
 
 /// How often rollout timers and agent timeouts are checked.
@@ -66,6 +67,8 @@ pub struct RunningServer {
     pub public_key: PublicKey,
     /// The generated admin token, when the config named no token.
     pub admin_token: Option<String>,
+    /// The HTTPS files and the live config they were read into, with `api_tls`.
+    tls: Option<(ApiTls, RustlsConfig)>,
     hub: Arc<Mutex<Hub>>,
     store: store::Store,
     shutdown: watch::Sender<bool>,
@@ -85,6 +88,18 @@ impl RunningServer {
     /// The hub, for tests and embedding.
     pub fn hub(&self) -> Arc<Mutex<Hub>> {
         self.hub.clone()
+    }
+
+    /// Reads the `api_tls` files again and serves new connections with them; connections
+    /// already open keep the certificate they began with. Files that do not load leave the
+    /// current certificate in place, and the error says why.
+    pub fn reload_tls(&self) -> Result<()> {
+        let Some((files, live)) = &self.tls else {
+            bail!("the API serves plain HTTP (no api_tls): there is no certificate to reload");
+        };
+        live.reload_from_config(tls::server_config(files)?);
+        tracing::info!(cert = %files.cert_file.display(), "API certificate reloaded");
+        Ok(())
     }
 
     /// Stops the API, the clock and the MQTT client, and flushes the database.
@@ -110,11 +125,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
         tracing::warn!("no trusted publisher keys configured: every bundle upload will be refused");
     }
     // Read before anything starts, so a bad file stops the server with nothing running.
-    let tls = config
-        .api_tls
-        .as_ref()
-        .map(tls::server_config)
-        .transpose()?;
+    let tls = match &config.api_tls {
+        Some(files) => Some((
+            files.clone(),
+            RustlsConfig::from_config(tls::server_config(files)?),
+        )),
+        None => None,
+    };
 
     let store = store::Store::open(&config.data_dir)?;
     let mqtt_addr = if config.mqtt.external.is_none() {
@@ -163,8 +180,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
         .await
         .with_context(|| format!("cannot listen for the API on {}", config.listen))?;
     let api_addr = listener.local_addr()?;
-    tasks.push(match tls {
-        Some(tls) => serve_https(listener, tls, api::router(state), shutdown_rx)?,
+    tasks.push(match &tls {
+        Some((_, live)) => serve_https(listener, live.clone(), api::router(state), shutdown_rx)?,
         None => serve_http(listener, api::router(state), shutdown_rx),
     });
     let api_url = format!(
@@ -183,6 +200,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
         mqtt_addr,
         public_key,
         admin_token,
+        tls,
         hub,
         store,
         shutdown,
@@ -209,16 +227,12 @@ fn serve_http(
 
 fn serve_https(
     listener: tokio::net::TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: RustlsConfig,
     router: axum::Router,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>> {
     let handle = axum_server::Handle::new();
-    let server = axum_server::from_tcp_rustls(
-        listener.into_std()?,
-        axum_server::tls_rustls::RustlsConfig::from_config(tls),
-    )?
-    .handle(handle.clone());
+    let server = axum_server::from_tcp_rustls(listener.into_std()?, tls)?.handle(handle.clone());
     Ok(tokio::spawn(async move {
         // As axum::serve does: stop accepting, then let open requests finish.
         tokio::spawn(async move {
