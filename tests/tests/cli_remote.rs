@@ -336,15 +336,22 @@ fn install_certificate(cert: &Path, key: &Path, into: &ApiTls) {
     std::fs::copy(key, &into.key_file).expect("copy key");
 }
 
+/// `api_tls` files in `dir` holding a copy of the test server certificate, to be replaced.
+fn replaceable_server_certificate(dir: &Path) -> ApiTls {
+    let files = broker::tls_files();
+    let api_tls = ApiTls {
+        cert_file: dir.join("api.pem"),
+        key_file: dir.join("api.key"),
+    };
+    install_certificate(&files.server_cert, &files.server_key, &api_tls);
+    api_tls
+}
+
 #[test]
 fn a_reloaded_certificate_serves_new_connections_and_a_bad_one_keeps_the_old() {
     let files = broker::tls_files();
     let certs = tempfile::tempdir().expect("temporary directory");
-    let api_tls = ApiTls {
-        cert_file: certs.path().join("api.pem"),
-        key_file: certs.path().join("api.key"),
-    };
-    install_certificate(&files.server_cert, &files.server_key, &api_tls);
+    let api_tls = replaceable_server_certificate(certs.path());
     let fx = Fixture::start_with(|c| c.api_tls = Some(api_tls.clone()));
     let server = fx.server.as_ref().expect("server runs");
     let ca = files.ca.to_str().expect("UTF-8");
@@ -377,11 +384,7 @@ fn a_reloaded_certificate_serves_new_connections_and_a_bad_one_keeps_the_old() {
 fn sighup_reloads_the_certificate_of_a_running_server() {
     let files = broker::tls_files();
     let dir = tempfile::tempdir().expect("temporary directory");
-    let api_tls = ApiTls {
-        cert_file: dir.path().join("api.pem"),
-        key_file: dir.path().join("api.key"),
-    };
-    install_certificate(&files.server_cert, &files.server_key, &api_tls);
+    let api_tls = replaceable_server_certificate(dir.path());
     let (data_dir, log) = (dir.path().join("data"), dir.path().join("server.log"));
     let port = free_port();
     let mut child = KillOnDrop(
