@@ -1,9 +1,9 @@
 """Raw onnxruntime on the MiniLM model: the baseline the agent's benchmark compares against.
 
 Runs one InferenceSession (the CPU or CUDA provider, the given intra-op thread count, spinning
-off as the agent has it) on batches of sentences tokenised to exactly --seq-len tokens, and prints one JSON
-line: {"batch", "per_second" (sentences), "p50_ms", "p99_ms", "samples_ms" (each run's time, in
-order)} per batch size.
+off as the agent has it) on batches of sentences tokenised to exactly --seq-len tokens, and
+prints one JSON line: {"batch", "per_second" (sentences), "p50_ms", "p99_ms", "samples_ms"
+(each run's time, in order)} per batch size.
 
 Usage:
     python3 models/minilm/bench_ort.py --threads 2 --batches 1,8,32 [--iterations 50] [--provider cuda]

@@ -17,7 +17,7 @@ use flotilla_agent::metrics::Metrics;
 use flotilla_agent::serving::ModelSlot;
 use flotilla_agent::store::Store;
 use flotilla_shared::manifest::Backend;
-use flotilla_tests::bench::Timing;
+use flotilla_tests::bench::{self, Timing};
 use flotilla_tests::{binary, free_port, models_dir, pack_signed, write_public_key, TestKeys};
 
 /// Alternating rounds of in-process and served requests.
@@ -47,10 +47,7 @@ fn main() {
     } else {
         "tiny-bert-embed".to_owned()
     };
-    let iterations: usize = std::env::var("BENCH_ITERATIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
+    let iterations = bench::setting("BENCH_ITERATIONS").unwrap_or(300);
 
     let keys = TestKeys::default();
     let bundle = pack_signed(&model, &keys.publisher);

@@ -25,7 +25,7 @@ use flotilla_agent::runtime::{GpuProviders, OrtRuntime, OrtSettings, Placement, 
 use flotilla_agent::serving::{ModelSlot, ServedModel};
 use flotilla_agent::store::Store;
 use flotilla_shared::manifest::Backend;
-use flotilla_tests::bench::Timing;
+use flotilla_tests::bench::{self, Timing};
 use flotilla_tests::{models_dir, pack_signed, TestKeys};
 
 #[path = "../../agent/tests/support/onnxruntime.rs"]
@@ -218,14 +218,9 @@ fn main() {
         models_dir().join("minilm/out/model.onnx").is_file(),
         "build MiniLM first: python3 models/minilm/build.py"
     );
-    let threads: usize = std::env::var("BENCH_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
+    let threads = bench::setting("BENCH_THREADS")
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let iterations: usize = std::env::var("BENCH_ITERATIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
+    let iterations = bench::setting("BENCH_ITERATIONS").unwrap_or(50);
     let provider = match std::env::var("BENCH_PROVIDER").as_deref() {
         Err(_) | Ok("cpu") => Provider::Cpu,
         Ok("cuda") => Provider::Cuda,
@@ -243,11 +238,7 @@ fn main() {
     let ort = stage(Backend::Ort, provider, threads, scratch[0].path());
     let tract = stage(Backend::Tract, provider, threads, scratch[1].path());
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4)
-        .max(1);
+    let rounds = bench::setting("BENCH_ROUNDS").unwrap_or(4).max(1);
     let per_round = iterations.div_ceil(rounds);
 
     println!();

@@ -1,4 +1,5 @@
-//! What the benchmarks report for a path: throughput and latency percentiles.
+//! What the benchmarks report for a path (throughput and latency percentiles), and the
+//! `BENCH_*` settings they read.
 
 use std::time::Duration;
 
@@ -25,4 +26,15 @@ impl Timing {
             p99_ms: pick(0.99).as_secs_f64() * 1e3,
         }
     }
+}
+
+/// The count in environment variable `name`, if set; a value that is not a count stops the
+/// benchmark rather than falling back to a default unnoticed.
+pub fn setting(name: &str) -> Option<usize> {
+    let value = std::env::var(name).ok()?;
+    Some(
+        value
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} must be a whole number, not {value:?}")),
+    )
 }
