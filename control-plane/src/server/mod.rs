@@ -184,14 +184,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
         Some((_, live)) => serve_https(listener, live.clone(), api::router(state), shutdown_rx)?,
         None => serve_http(listener, api::router(state), shutdown_rx),
     });
-    let api_url = format!(
-        "{}://{api_addr}",
-        if config.api_tls.is_some() {
-            "https"
-        } else {
-            "http"
-        }
-    );
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let api_url = format!("{scheme}://{api_addr}");
     tracing::info!(url = %api_url, "control plane API listening");
 
     Ok(RunningServer {
