@@ -12,7 +12,7 @@ use serde_json::Value;
 mod models;
 #[path = "support/onnxruntime.rs"]
 mod onnxruntime;
-use models::{meta, models};
+use models::{meta, models, raw_bert, token_inputs, PAST_VOCABULARY};
 
 /// Outputs of the two backends may differ by float reassociation only.
 const TOLERANCE: f64 = 1e-4;
@@ -202,6 +202,36 @@ fn cuda_asked_of_the_cpu_only_library_is_detected_and_reported_as_degraded_to_cp
         .max_abs_diff(&plain.run_texts(&texts()).unwrap())
         .unwrap();
     assert_eq!(diff, 0.0);
+}
+
+#[test]
+fn inputs_both_backends_fail_on_are_the_callers_fault_and_do_not_step_the_model_down() {
+    if onnxruntime::runtime().is_none() {
+        return;
+    }
+    let (dir, meta) = raw_bert();
+    let targets = vec![Target::Ort(Provider::Cpu), Target::Tract];
+    let model = Model::load_on(&dir, &meta, targets, &Default::default()).unwrap();
+
+    let err = model
+        .infer(token_inputs(&[101, PAST_VOCABULARY, 102]))
+        .unwrap_err();
+    assert!(err.is_client_error(), "answered 400, not 500: {err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("ort/cpu: ") && message.contains("indices element out of data bounds"),
+        "onnxruntime's reason: {message}"
+    );
+    assert!(
+        message.contains("tract: ") && message.contains("tract panicked"),
+        "tract's reason: {message}"
+    );
+    assert_eq!(model.engines().active(), Target::Ort(Provider::Cpu));
+    assert!(model.degradation().is_none(), "{:?}", model.degradation());
+
+    let outputs = model.infer(token_inputs(&[101, 7, 102])).unwrap();
+    assert_eq!(outputs[0].shape, vec![1, 3, 32]);
+    assert_eq!(model.info().backend, Backend::Ort);
 }
 
 #[test]

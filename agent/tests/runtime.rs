@@ -8,7 +8,7 @@ use serde_json::Value;
 
 #[path = "support/models.rs"]
 mod models;
-use models::{meta, models};
+use models::{meta, models, raw_bert, token_inputs, PAST_VOCABULARY};
 
 fn fixture(name: &str) -> Value {
     let text = std::fs::read_to_string(models().join("fixtures").join(name)).unwrap();
@@ -190,6 +190,24 @@ fn bad_tensor_inputs_get_specific_client_errors() {
             "{err} should mention {message}"
         );
     }
+}
+
+#[test]
+fn a_tract_kernel_that_panics_on_an_input_fails_the_run_and_the_model_still_works() {
+    // tract's Gather panics on an index past its table rather than failing.
+    let (dir, meta) = raw_bert();
+    let model = Model::load(&dir, &meta, Backend::Tract).unwrap();
+    let err = model
+        .infer(token_inputs(&[101, PAST_VOCABULARY, 102]))
+        .unwrap_err();
+    assert!(matches!(err, RuntimeError::Run(_)), "{err}");
+    assert!(err.to_string().contains("tract panicked"), "{err}");
+    assert!(
+        err.to_string().contains("out of range"),
+        "the panic's text: {err}"
+    );
+    let outputs = model.infer(token_inputs(&[101, 7, 102])).unwrap();
+    assert_eq!(outputs[0].shape, vec![1, 3, 32]);
 }
 
 #[test]

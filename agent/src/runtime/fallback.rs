@@ -3,8 +3,9 @@
 //! when a later retry of the better one succeeds.
 //!
 //! A request whose engine fails is run again on the next one, so a failing accelerator costs
-//! latency, not answers. Validation happens before any engine sees the inputs, so what fails
-//! here is the engine or the host, never the request.
+//! latency, not answers. Validation happens before any engine sees the inputs, but it cannot
+//! catch everything (a token id past the vocabulary, say): inputs that every engine fails on
+//! are the request's fault, and leave the model where it is.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -152,68 +153,108 @@ impl EngineLadder {
         ))
     }
 
-    /// Runs on the active engine; when it fails, steps down and runs the same inputs on the
-    /// next engine that loads. Only the last engine's failure reaches the caller.
+    /// Runs on the active engine. When it fails, the same inputs go to the next engines in
+    /// turn and the model steps down to the first that answers them, so a failing engine costs
+    /// latency, not answers. When every engine that runs fails too, the inputs are at fault,
+    /// not the engine: the model stays where it is and the caller gets
+    /// [`RuntimeError::InputRejected`] with each engine's reason.
     pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
-        loop {
-            let (index, engine) = {
-                let state = self.state();
-                let engine = state.engines[state.active]
-                    .clone()
-                    .expect("invariant: the active target has an engine");
-                (state.active, engine)
-            };
-            if index + 1 == self.targets.len() {
-                return engine.run(inputs);
-            }
-            let error = match engine.run(inputs.clone()) {
-                Ok(outputs) => return Ok(outputs),
-                Err(error) => error,
-            };
-            if !self.step_down(index, &error) {
-                return Err(error);
-            }
+        let (from, engine) = {
+            let state = self.state();
+            let engine = state.engines[state.active]
+                .clone()
+                .expect("invariant: the active target has an engine");
+            (state.active, engine)
+        };
+        if from + 1 == self.targets.len() {
+            return engine.run(inputs);
+        }
+        match engine.run(inputs.clone()) {
+            Ok(outputs) => Ok(outputs),
+            Err(error) => self.fall_back(from, inputs, error),
         }
     }
 
-    /// Moves from target `from` to the next one that loads; returns whether one did (or
-    /// another request already moved on).
-    fn step_down(&self, from: usize, error: &RuntimeError) -> bool {
-        let _loading = self.loading.lock().unwrap_or_else(|p| p.into_inner());
-        if self.state().active != from {
-            return true;
+    /// Runs `inputs`, which failed on target `from` with `error`, on each worse target until
+    /// one answers, and steps down to it.
+    fn fall_back(
+        &self,
+        from: usize,
+        mut inputs: Vec<Tensor>,
+        error: RuntimeError,
+    ) -> Result<Vec<Tensor>, RuntimeError> {
+        let target = self.targets[from];
+        warn!(%target, %error, "engine failed while running; trying the next");
+        // Why each target tried is no good, to record if the model steps down past it.
+        let mut failures = vec![(from, format!("{target} failed while running: {error}"))];
+        // What the engines that did run said about these inputs.
+        let mut rejections = vec![format!("{target}: {error}")];
+        for next in from + 1..self.targets.len() {
+            let target = self.targets[next];
+            let engine = match self.loaded(next) {
+                Ok(engine) => engine,
+                Err(load_error) => {
+                    warn!(%target, error = %load_error, "fallback engine failed to load");
+                    failures.push((next, format!("{target}: {load_error}")));
+                    continue;
+                }
+            };
+            let attempt = if next + 1 == self.targets.len() {
+                std::mem::take(&mut inputs)
+            } else {
+                inputs.clone()
+            };
+            match engine.run(attempt) {
+                Ok(outputs) => {
+                    self.step_down(from, next, failures);
+                    return Ok(outputs);
+                }
+                Err(next_error) => {
+                    failures.push((next, format!("{target} failed while running: {next_error}")));
+                    rejections.push(format!("{target}: {next_error}"));
+                }
+            }
+        }
+        if rejections.len() == 1 {
+            // No other engine could run them: nothing tells the inputs from the engine.
+            return Err(error);
         }
         let target = self.targets[from];
-        warn!(%target, %error, "engine failed while running; stepping down");
-        self.state().failures[from] = Some(Failure {
-            cause: format!("{target} failed while running: {error}"),
-            at: Instant::now(),
-        });
+        warn!(%target, "every engine failed on the same inputs; staying on this one");
+        Err(RuntimeError::InputRejected(rejections.join("; ")))
+    }
 
-        for next in from + 1..self.targets.len() {
-            if self.state().engines[next].is_some() {
-                self.state().active = next;
-                return true;
-            }
-            let target = self.targets[next];
-            match (self.loader)(target) {
-                Ok(engine) => {
-                    let mut state = self.state();
-                    state.engines[next] = Some(engine);
-                    state.active = next;
-                    info!(%target, "now running on the fallback engine");
-                    return true;
-                }
-                Err(error) => {
-                    warn!(%target, %error, "fallback engine failed to load");
-                    self.state().failures[next] = Some(Failure {
-                        cause: format!("{target}: {error}"),
-                        at: Instant::now(),
-                    });
-                }
-            }
+    /// The engine of target `index`, loaded now if it was not.
+    fn loaded(&self, index: usize) -> Result<Arc<dyn Engine>, RuntimeError> {
+        let cached = self.state().engines[index].clone();
+        if let Some(engine) = cached {
+            return Ok(engine);
         }
-        false
+        let _loading = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+        // Another request may have loaded it while this one waited.
+        let cached = self.state().engines[index].clone();
+        if let Some(engine) = cached {
+            return Ok(engine);
+        }
+        let engine = (self.loader)(self.targets[index])?;
+        self.state().engines[index] = Some(engine.clone());
+        Ok(engine)
+    }
+
+    /// Moves from target `from` to `to`, recording why each target before `to` is no good;
+    /// does nothing if another request moved the model first.
+    fn step_down(&self, from: usize, to: usize, failures: Vec<(usize, String)>) {
+        let mut state = self.state();
+        if state.active != from {
+            return;
+        }
+        let at = Instant::now();
+        for (index, cause) in failures {
+            state.failures[index] = Some(Failure { cause, at });
+        }
+        state.active = to;
+        let target = self.targets[to];
+        info!(%target, "now running on the fallback engine");
     }
 
     /// Tries again each better target whose last failure is at least `after` old, best first;
@@ -262,7 +303,10 @@ mod tests {
 
     use super::*;
 
-    /// An engine that answers with its name, or fails while `broken` is set.
+    /// An input name every engine fails on.
+    const POISON: &str = "poison";
+
+    /// An engine that answers with its name, or fails while `broken` is set or on [`POISON`].
     struct Scripted {
         name: &'static str,
         broken: Arc<AtomicBool>,
@@ -277,10 +321,13 @@ mod tests {
             }
         }
 
-        fn run(&self, _inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
+        fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
             self.runs.fetch_add(1, Ordering::SeqCst);
             if self.broken.load(Ordering::SeqCst) {
                 return Err(RuntimeError::Run(format!("{} device lost", self.name)));
+            }
+            if inputs.iter().any(|t| t.name == POISON) {
+                return Err(RuntimeError::Run(format!("{} cannot take it", self.name)));
             }
             Ok(vec![Tensor::new(
                 self.name,
@@ -388,6 +435,57 @@ mod tests {
         );
         assert!(rig.ladder.degradation().is_none());
         assert_eq!(answer(&rig.ladder), "cuda");
+    }
+
+    #[test]
+    fn inputs_every_engine_fails_on_are_rejected_and_leave_the_model_in_place() {
+        let rig = rig(true).unwrap();
+        let poison = Tensor::new(POISON, vec![1], TensorData::Fp32(vec![0.0])).unwrap();
+        let err = rig.ladder.run(vec![poison]).unwrap_err();
+        assert!(err.is_client_error(), "{err}");
+        let message = err.to_string();
+        assert!(
+            message.contains("ort/cuda: inference failed: cuda cannot take it")
+                && message.contains("tract: inference failed: cpu cannot take it"),
+            "each engine's reason: {message}"
+        );
+        assert_eq!(rig.ladder.active(), Target::Ort(Provider::Cuda));
+        assert!(rig.ladder.degradation().is_none());
+        assert_eq!(answer(&rig.ladder), "cuda");
+
+        // The same failure with the GPU really broken is the GPU's: the fallback answers the
+        // next request, and the model steps down then.
+        rig.gpu_broken.store(true, Ordering::SeqCst);
+        assert_eq!(answer(&rig.ladder), "cpu");
+        assert_eq!(rig.ladder.active(), Target::Tract);
+    }
+
+    #[test]
+    fn a_failure_with_no_fallback_that_loads_keeps_the_model_and_its_error() {
+        let loads = Arc::new(AtomicUsize::new(0));
+        let counted = loads.clone();
+        let broken = Arc::new(AtomicBool::new(true));
+        let loader: EngineLoader = Box::new(move |target| match target {
+            Target::Tract => {
+                counted.fetch_add(1, Ordering::SeqCst);
+                Err(RuntimeError::LoadModel {
+                    path: "m.onnx".into(),
+                    reason: "out of memory".into(),
+                })
+            }
+            Target::Ort(_) => Ok(Arc::new(Scripted {
+                name: "cuda",
+                broken: broken.clone(),
+                runs: Default::default(),
+            }) as Arc<dyn Engine>),
+        });
+        let ladder =
+            EngineLadder::load(vec![Target::Ort(Provider::Cuda), Target::Tract], loader).unwrap();
+        let err = ladder.run(vec![]).unwrap_err();
+        assert!(matches!(err, RuntimeError::Run(_)), "{err}");
+        assert!(err.to_string().contains("device lost"), "{err}");
+        assert_eq!(loads.load(Ordering::SeqCst), 1, "the fallback was tried");
+        assert_eq!(ladder.active(), Target::Ort(Provider::Cuda));
     }
 
     #[test]

@@ -135,6 +135,10 @@ pub enum RuntimeError {
     /// The engine failed while running.
     #[error("inference failed: {0}")]
     Run(String),
+    /// Every engine of the model failed on these inputs (each engine's reason), so the inputs
+    /// are at fault even though they passed validation.
+    #[error("every engine of the model fails on these inputs: {0}")]
+    InputRejected(String),
     /// The engine produced something the runtime cannot use.
     #[error("model output {name:?}: {reason}")]
     Output {
@@ -162,6 +166,7 @@ impl RuntimeError {
                 | Self::TextTooLong { .. }
                 | Self::EmptyBatch
                 | Self::NotText(_)
+                | Self::InputRejected(_)
         )
     }
 }

@@ -1,5 +1,6 @@
 //! The tract backend: pure Rust, CPU only, always available.
 
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -98,15 +99,30 @@ impl Engine for TractEngine {
             .map(|t| t.expect("invariant: order_inputs filled every declared input"))
             .collect();
 
-        let outputs =
-            multithread_tract_scope(self.executor.clone(), || self.plan.run(graph_inputs))
-                .map_err(|e| RuntimeError::Run(format!("{e:#}")))?;
+        // Some of tract's kernels panic on inputs they cannot take (a Gather index past its
+        // table) instead of failing. Each run has its own state, so the plan is sound after
+        // one, and a panic is a failed run like any other.
+        let run = || multithread_tract_scope(self.executor.clone(), || self.plan.run(graph_inputs));
+        let outputs = std::panic::catch_unwind(AssertUnwindSafe(run))
+            .map_err(|panic| {
+                RuntimeError::Run(format!("tract panicked: {}", panic_message(&*panic)))
+            })?
+            .map_err(|e| RuntimeError::Run(format!("{e:#}")))?;
         outputs
             .iter()
             .zip(&self.output_names)
             .map(|(value, name)| from_tract(name, value))
             .collect()
     }
+}
+
+/// The text a panic was raised with.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("no message")
 }
 
 fn to_tract(t: WireTensor) -> Result<Tensor, RuntimeError> {

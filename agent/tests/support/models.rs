@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use flotilla_agent::runtime::read_onnx_signature;
 use flotilla_shared::manifest::{ModelMeta, Pooling, Task, TextMeta, Truncation};
+use flotilla_shared::tensor::{Tensor, TensorData};
 
 /// The repository's `models/` folder.
 pub fn models() -> PathBuf {
@@ -46,4 +47,30 @@ pub fn meta(model: &str, truncation: Truncation, max_sequence_length: u32) -> Mo
         text,
         labels,
     }
+}
+
+/// The tiny BERT embedder's graph served as a raw model: token tensors in, hidden states out,
+/// so a caller can send token ids its tokenizer would never produce.
+pub fn raw_bert() -> (PathBuf, ModelMeta) {
+    let meta = ModelMeta {
+        task: Task::Raw,
+        text: None,
+        ..meta("tiny-bert-embed", Truncation::Truncate, 128)
+    };
+    (models().join("tiny-bert-embed"), meta)
+}
+
+/// A token id past the tiny BERT's vocabulary (1332 entries).
+pub const PAST_VOCABULARY: i64 = 99_999;
+
+/// One sequence of token ids as the tiny BERT's three inputs.
+pub fn token_inputs(ids: &[i64]) -> Vec<Tensor> {
+    let row = |name: &str, values: Vec<i64>| {
+        Tensor::new(name, vec![1, ids.len()], TensorData::Int64(values)).unwrap()
+    };
+    vec![
+        row("input_ids", ids.to_vec()),
+        row("attention_mask", vec![1; ids.len()]),
+        row("token_type_ids", vec![0; ids.len()]),
+    ]
 }
