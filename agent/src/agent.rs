@@ -25,7 +25,7 @@ use crate::install::{InstallError, Installer, Stage, Staged, Trust};
 use crate::link::{Incoming, Link, LinkConfig, LinkHandle, QoS};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
-use crate::serving::ModelSlot;
+use crate::serving::{ModelSlot, ServedModel};
 use crate::store::Store;
 
 /// Unix milliseconds now.
@@ -73,8 +73,8 @@ struct Shared {
     outbox: Outbox,
     link: LinkHandle,
     started: Instant,
-    /// The degradation last reported in an event, so each cause is reported once.
-    reported_degradation: std::sync::Mutex<Option<String>>,
+    /// The served model's degradation, each cause reported once in an event.
+    degradation: DegradationWatch,
 }
 
 impl Shared {
@@ -177,7 +177,7 @@ pub async fn run(
         outbox,
         link,
         started: Instant::now(),
-        reported_degradation: std::sync::Mutex::new(None),
+        degradation: DegradationWatch::default(),
     });
     shared.event(
         None,
@@ -266,29 +266,53 @@ fn start_link(
 /// while degraded, tries the better backend again in the background once it is due.
 fn check_degradation(shared: &Shared) -> Option<String> {
     let model = shared.slot.current()?;
-    let cause = model.model.degradation();
-    let mut reported = shared
-        .reported_degradation
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if cause.is_some() && *reported != cause {
-        let cause = cause.clone().unwrap_or_default();
-        warn!(model = %model.manifest.id(), %cause, "serving degraded");
-        shared.event(None, Some(model.digest), EventKind::Degraded { cause });
-    }
-    reported.clone_from(&cause);
-    drop(reported);
-
-    if cause.is_some() {
-        let after = shared.config.inference.retry_after();
-        let span = info_span!("engine_retry", model = %model.manifest.id());
-        // Loading an engine is slow and blocking; the ladder lets one retry run at a time.
-        tokio::task::spawn_blocking(move || {
-            let _span = span.entered();
-            model.model.engines().retry(after)
-        });
+    let after = shared.config.inference.retry_after();
+    let (cause, new) = shared.degradation.check(&model, after);
+    if let (Some(cause), true) = (&cause, new) {
+        shared.event(
+            None,
+            Some(model.digest),
+            EventKind::Degraded {
+                cause: cause.clone(),
+            },
+        );
     }
     cause
+}
+
+/// Follows a served model's degradation: each new cause is logged once, and while the model is
+/// degraded its better engine is tried again in the background once due.
+#[derive(Debug, Default)]
+pub struct DegradationWatch {
+    /// The cause last seen, so each is reported once.
+    reported: std::sync::Mutex<Option<String>>,
+}
+
+impl DegradationWatch {
+    /// Looks at `model` now: returns why it is degraded, if it is, and whether that cause is
+    /// new since the last check. When degraded, starts a retry of each better engine whose
+    /// failure is at least `retry_after` old (the ladder runs one retry at a time).
+    pub fn check(&self, model: &Arc<ServedModel>, retry_after: Duration) -> (Option<String>, bool) {
+        let cause = model.model.degradation();
+        let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+        let new = cause.is_some() && *reported != cause;
+        if let (Some(cause), true) = (&cause, new) {
+            warn!(model = %model.manifest.id(), %cause, "serving degraded");
+        }
+        reported.clone_from(&cause);
+        drop(reported);
+
+        if cause.is_some() {
+            let model = model.clone();
+            let span = info_span!("engine_retry", model = %model.manifest.id());
+            // Loading an engine is slow and blocking.
+            tokio::task::spawn_blocking(move || {
+                let _span = span.entered();
+                model.model.engines().retry(retry_after)
+            });
+        }
+        (cause, new)
+    }
 }
 
 fn send_heartbeat(shared: &Shared, sampler: &mut ProcessSampler) {

@@ -3,12 +3,13 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use flotilla_agent::agent::{self, load_public_key, ApiServer};
+use flotilla_agent::agent::{self, ApiServer, DegradationWatch};
 use flotilla_agent::config::AgentConfig;
-use flotilla_agent::install::{Installer, Trust};
+use flotilla_agent::install::Installer;
 use flotilla_agent::metrics::Metrics;
 use flotilla_agent::serving::ModelSlot;
 use flotilla_agent::store::Store;
@@ -67,15 +68,19 @@ struct ServeArgs {
     /// Bundle file to serve.
     #[arg(long)]
     bundle: PathBuf,
-    /// Trusted publisher key file, repeatable.
-    #[arg(long = "trust", required = true)]
+    /// Agent configuration file whose [api], [inference] and [trust] publishers apply (the
+    /// rest is ignored: serving needs no broker and keeps nothing).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Trusted publisher key file, repeatable (added to the file's; at least one in all).
+    #[arg(long = "trust")]
     trust: Vec<PathBuf>,
-    /// Distinct trusted signatures required.
-    #[arg(long, default_value_t = 1)]
-    threshold: usize,
-    /// Listen address.
-    #[arg(long, default_value = "127.0.0.1:8000")]
-    listen: SocketAddr,
+    /// Distinct trusted signatures required (overrides the file; default 1).
+    #[arg(long)]
+    threshold: Option<usize>,
+    /// Listen address (overrides the file; default 127.0.0.1:8000).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -136,21 +141,29 @@ async fn run(args: RunArgs) -> Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
-    let publishers = args
-        .trust
-        .iter()
-        .map(|p| load_public_key(p))
-        .collect::<Result<Vec<_>>>()?;
+    let mut config = match &args.config {
+        Some(path) => AgentConfig::load(path)?,
+        None => AgentConfig::default(),
+    };
+    config.trust.publishers.extend(args.trust);
+    if let Some(threshold) = args.threshold {
+        config.trust.threshold = threshold;
+    }
+    if let Some(listen) = args.listen {
+        config.api.listen = listen;
+    }
+    if config.trust.publishers.is_empty() {
+        bail!("no trusted publisher key: pass --trust KEY (or list trust.publishers in --config)");
+    }
+    // Desired states come from a control plane, and here there is none.
+    config.trust.control_plane = None;
+    config.validate()?;
+    let trust = agent::load_trust(&config)?;
     let bytes = std::fs::read(&args.bundle)
         .with_context(|| format!("cannot read bundle {}", args.bundle.display()))?;
     // A scratch data directory: standalone mode keeps nothing between runs.
     let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
-    let trust = Trust {
-        publishers,
-        threshold: args.threshold,
-        control_plane: None,
-    };
-    let placement = flotilla_agent::config::InferenceConfig::default().placement();
+    let placement = config.inference.placement();
     let installer = Installer::new(
         Store::open(scratch.path())?,
         trust,
@@ -165,31 +178,39 @@ async fn serve(args: ServeArgs) -> Result<()> {
     .await?
     .with_context(|| format!("cannot serve {}", args.bundle.display()))?;
 
-    let slot = Arc::new(ModelSlot::new(
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2),
-    ));
+    let slot = Arc::new(ModelSlot::new(config.inference.max_concurrency));
     let metrics = Arc::new(Metrics::new());
     metrics.model_loaded(&staged.served);
     metrics.set_self_test(staged.served.digest, true);
     info!(model = %staged.served.manifest.id(), "self-tests passed");
     slot.activate(staged.served.clone());
 
-    let config = flotilla_agent::config::ApiConfig {
-        listen: args.listen,
-        ..Default::default()
-    };
-    let api = ApiServer::start(&config, slot.clone(), metrics).await?;
+    let api = ApiServer::start(&config.api, slot.clone(), metrics).await?;
     println!(
         "serving {} on http://{}",
         staged.served.manifest.id(),
         api.addr
     );
+    // No heartbeat here to hang the degradation check on: a timer does it.
+    let retry_after = config.inference.retry_after();
+    let watch = tokio::spawn(async move {
+        let watch = DegradationWatch::default();
+        let mut ticks = tokio::time::interval(retry_after.clamp(WATCH_MIN, WATCH_MAX));
+        loop {
+            ticks.tick().await;
+            watch.check(&staged.served, retry_after);
+        }
+    });
     shutdown_signal().await;
+    watch.abort();
     api.stop().await;
     Ok(())
 }
+
+/// Bounds on how often `serve` looks at the model's degradation: as often as a failed engine
+/// may be retried, within these.
+const WATCH_MIN: Duration = Duration::from_secs(1);
+const WATCH_MAX: Duration = Duration::from_secs(10);
 
 /// Completes on Ctrl-C or SIGTERM.
 async fn shutdown_signal() {

@@ -158,6 +158,18 @@ fn signal(child: &Child, name: &str) {
         .status();
 }
 
+/// A child process that is killed if the test ends before it exits.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Polls `probe` until it yields a value or [`WAIT`] passes; panics with `what` and the last
 /// state `probe` described.
 pub async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T

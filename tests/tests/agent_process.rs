@@ -1,13 +1,17 @@
-//! The `flotilla-agent` binary as a process: standalone serving, graceful SIGTERM, and
-//! ONNX Runtime loaded only once a model needs it.
+//! The `flotilla-agent` binary as a process: standalone serving (with a config file, and its
+//! retry of a failed backend), graceful SIGTERM, and ONNX Runtime loaded only once a model
+//! needs it.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use flotilla_tests::fleet::VIEWER_TOKEN;
-use flotilla_tests::procs::{release, Cluster, MODEL};
+use flotilla_tests::procs::{release, wait_for, Cluster, KillOnDrop, MODEL};
 use flotilla_tests::{binary, free_port, pack_signed, write_public_key, TestKeys};
+
+#[path = "../../agent/tests/support/onnxruntime.rs"]
+mod onnxruntime;
 
 #[tokio::test]
 async fn standalone_serve_answers_and_exits_cleanly_on_sigterm() {
@@ -94,6 +98,89 @@ async fn standalone_serve_refuses_an_untrusted_bundle() {
         stderr.contains("signed only by unknown keys") && stderr.contains("raw.fbundle"),
         "{stderr}"
     );
+
+    // No key at all is refused before the bundle is read.
+    let out = Command::new(binary("flotilla-agent"))
+        .args(["serve", "--bundle", bundle.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no trusted publisher key"), "{stderr}");
+}
+
+/// `serve` has no heartbeat, yet a model that fell back must still be retried on its better
+/// engine: here CUDA, asked of the CPU-only library, so every retry fails and is logged.
+#[tokio::test]
+async fn standalone_serve_takes_its_config_file_and_retries_a_failed_backend() {
+    let Ok(library) = onnxruntime::library() else {
+        // Fails with the reason unless FLOTILLA_SKIP_ORT=1.
+        assert!(onnxruntime::runtime().is_none());
+        return;
+    };
+    let keys = TestKeys::default();
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("embed.fbundle");
+    std::fs::write(&bundle, pack_signed("tiny-bert-embed", &keys.publisher)).unwrap();
+    write_public_key(dir.path(), "publisher", &keys.publisher);
+    let port = free_port();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[api]\nlisten = \"127.0.0.1:{port}\"\n\
+             [inference]\nonnxruntime_library = {library:?}\ngpu_providers = [\"cuda\"]\n\
+             retry_secs = 1\n\
+             [trust]\npublishers = [\"publisher.pub\"]\n"
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("serve.log");
+
+    let mut child = KillOnDrop(
+        Command::new(binary("flotilla-agent"))
+            .args(["serve", "--bundle", bundle.to_str().unwrap()])
+            .args(["--config", config.to_str().unwrap()])
+            .env("RUST_LOG", "info,ort=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+
+    // Listening where the file says, on ort/cpu, degraded from the CUDA asked for.
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/v2/models/tiny-bert-embed");
+    let meta: serde_json::Value = wait_for("the model's metadata", || async {
+        let response = client.get(&url).send().await.map_err(|e| e.to_string())?;
+        response.json().await.map_err(|e| e.to_string())
+    })
+    .await;
+    assert_eq!(meta["parameters"]["provider"], "cpu", "{meta:#}");
+    let cause = meta["parameters"]["degraded"].as_str().unwrap_or_default();
+    assert!(cause.contains("ort/cuda"), "{meta:#}");
+
+    let logged = |what: &str| {
+        let text = std::fs::read_to_string(&log).unwrap();
+        (text.matches(what).count(), text)
+    };
+    wait_for("two retries of the CUDA engine", || async {
+        match logged("better engine still fails") {
+            (n, _) if n >= 2 => Ok(()),
+            (_, text) => Err(text),
+        }
+    })
+    .await;
+    assert_eq!(logged("serving degraded").0, 1, "each cause is logged once");
+
+    Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    let exit = tokio::task::spawn_blocking(move || child.0.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
 }
 
 /// Whether the process `pid` has the ONNX Runtime library mapped.

@@ -19,6 +19,7 @@ use flotilla_control_plane::server::{self, unix_ms, RunningServer};
 use flotilla_shared::manifest::Backend;
 use flotilla_shared::wire::{topics, Birth, Capabilities, Envelope, Presence};
 use flotilla_shared::Bundle;
+use flotilla_tests::procs::KillOnDrop;
 use flotilla_tests::{
     free_port, pack_signed, pack_signed_with, set_release, write_public_key, TestKeys,
 };
@@ -457,18 +458,6 @@ fn sighup_reloads_the_certificate_of_a_running_server() {
         .status();
     assert!(stopped.expect("kill runs").success());
     assert_eq!(child.0.wait().expect("server exits").code(), Some(0));
-}
-
-/// A child process that is killed if the test ends before it exits.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
 }
 
 #[test]
