@@ -4,6 +4,9 @@
 //! every downloader of that bundle listens to. A part published recently is not published again
 //! when another agent asks for it (it is on its way to everyone already), so the server's egress
 //! for N concurrent downloaders stays close to one copy of the bundle instead of N.
+//!
+//! A bundle is held in memory only while it is being downloaded: one nobody has asked about
+//! for the hold time is let go, and read from the store again if it is asked for later.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -16,6 +19,10 @@ use flotilla_shared::Sha256Digest;
 /// than a broker needs to fan a chunk out, shorter than a downloader's retry interval, so a
 /// re-request after a loss is answered.
 pub const DEFAULT_SHARE_WINDOW: Duration = Duration::from_secs(1);
+
+/// How long a bundle stays in memory after the last request for it. Default 5 minutes: far
+/// longer than a downloader's retry interval, so a download in progress never reloads it.
+pub const DEFAULT_HOLD: Duration = Duration::from_secs(300);
 
 /// Answers chunk requests for the bundles it holds.
 #[derive(Debug, Default)]
@@ -32,6 +39,8 @@ struct Held {
     header_len: usize,
     chunk_ranges: Vec<std::ops::Range<usize>>,
     recently_sent: HashMap<ChunkPart, Instant>,
+    /// When it was inserted or last asked for.
+    last_asked: Instant,
 }
 
 impl ChunkServer {
@@ -44,8 +53,12 @@ impl ChunkServer {
         }
     }
 
-    /// Holds a bundle (already verified by the caller) for serving.
-    pub fn insert(&mut self, bytes: Vec<u8>) -> Result<Sha256Digest, flotilla_shared::BundleError> {
+    /// Holds a bundle (already verified by the caller) for serving, as asked for at `now`.
+    pub fn insert(
+        &mut self,
+        bytes: Vec<u8>,
+        now: Instant,
+    ) -> Result<Sha256Digest, flotilla_shared::BundleError> {
         let bundle = Bundle::parse(&bytes)?;
         let digest = bundle.digest();
         let manifest = bundle.decode_manifest_unverified()?;
@@ -61,6 +74,7 @@ impl ChunkServer {
                 header_len,
                 chunk_ranges,
                 recently_sent: HashMap::new(),
+                last_asked: now,
             },
         );
         Ok(digest)
@@ -69,6 +83,20 @@ impl ChunkServer {
     /// Whether the bundle is held.
     pub fn holds(&self, digest: &Sha256Digest) -> bool {
         self.bundles.contains_key(digest)
+    }
+
+    /// Lets go of every bundle not asked for within `hold` before `now`; returns how many.
+    pub fn release_idle(&mut self, now: Instant, hold: Duration) -> usize {
+        let before = self.bundles.len();
+        self.bundles
+            .retain(|_, held| now.saturating_duration_since(held.last_asked) < hold);
+        before - self.bundles.len()
+    }
+
+    /// Bundles held, and their bytes.
+    pub fn held(&self) -> (usize, u64) {
+        let bytes = self.bundles.values().map(|h| h.bytes.len() as u64).sum();
+        (self.bundles.len(), bytes)
     }
 
     /// The parts to publish in answer to `request` at `now`: each requested part not published
@@ -85,6 +113,7 @@ impl ChunkServer {
                 data: Vec::new(),
             }];
         };
+        held.last_asked = held.last_asked.max(now);
         let window = self.share_window;
         let mut parts: Vec<ChunkPart> = Vec::new();
         if request.header {
@@ -127,6 +156,10 @@ mod tests {
     use flotilla_shared::BundleBuilder;
 
     fn bundle() -> Vec<u8> {
+        bundle_of(10_000)
+    }
+
+    fn bundle_of(model_bytes: usize) -> Vec<u8> {
         let manifest = Manifest {
             format_version: MANIFEST_FORMAT_VERSION,
             name: "m".into(),
@@ -156,7 +189,7 @@ mod tests {
             self_tests: vec![],
         };
         BundleBuilder::new(manifest)
-            .file("m.onnx", vec![7; 10_000])
+            .file("m.onnx", vec![7; model_bytes])
             .build()
             .unwrap()
             .1
@@ -166,8 +199,8 @@ mod tests {
     fn concurrent_requests_for_a_part_publish_it_once() {
         let mut server = ChunkServer::new(DEFAULT_SHARE_WINDOW);
         let bytes = bundle();
-        let digest = server.insert(bytes.clone()).unwrap();
         let t0 = Instant::now();
+        let digest = server.insert(bytes.clone(), t0).unwrap();
         let ask = |agent: &str| ChunkRequest {
             agent: agent.into(),
             header: true,
@@ -195,7 +228,7 @@ mod tests {
     #[test]
     fn unknown_bundles_and_out_of_range_chunks() {
         let mut server = ChunkServer::new(DEFAULT_SHARE_WINDOW);
-        let digest = server.insert(bundle()).unwrap();
+        let digest = server.insert(bundle(), Instant::now()).unwrap();
         let other = Sha256Digest::of(b"other");
         let ask = ChunkRequest {
             agent: "a".into(),
@@ -207,5 +240,39 @@ mod tests {
             ChunkPart::Unknown
         );
         assert!(server.answer(&digest, &ask, Instant::now()).is_empty());
+    }
+
+    #[test]
+    fn a_bundle_is_let_go_once_nobody_asked_for_it_within_the_hold() {
+        let hold = Duration::from_secs(300);
+        let mut server = ChunkServer::new(DEFAULT_SHARE_WINDOW);
+        let t0 = Instant::now();
+        let bytes = bundle();
+        let digest = server.insert(bytes.clone(), t0).unwrap();
+        let other = server.insert(bundle_of(20_000), t0).unwrap();
+        let size = bytes.len() as u64;
+        let ask = ChunkRequest {
+            agent: "a".into(),
+            header: true,
+            chunks: vec![],
+        };
+
+        // Asked for near the end of its hold, `digest` gets a fresh one; `other` does not.
+        assert_eq!(server.answer(&digest, &ask, t0 + hold / 2).len(), 1);
+        assert_eq!(
+            server.release_idle(t0 + hold - Duration::from_secs(1), hold),
+            0
+        );
+        assert_eq!(server.release_idle(t0 + hold, hold), 1);
+        assert!(server.holds(&digest) && !server.holds(&other));
+        assert_eq!(server.held(), (1, size));
+
+        assert_eq!(server.release_idle(t0 + hold / 2 + hold, hold), 1);
+        assert_eq!(server.held(), (0, 0));
+        assert_eq!(
+            server.answer(&digest, &ask, t0 + 2 * hold)[0].part,
+            ChunkPart::Unknown,
+            "no longer held: the caller reads it from the store again"
+        );
     }
 }

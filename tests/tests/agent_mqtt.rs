@@ -185,7 +185,12 @@ impl Peer {
     fn hold(&self, bundle: Vec<u8>) -> DesiredBundle {
         let parsed = Bundle::parse(&bundle).unwrap();
         let manifest = parsed.decode_manifest_unverified().unwrap();
-        let digest = self.chunks.lock().unwrap().insert(bundle.clone()).unwrap();
+        let digest = self
+            .chunks
+            .lock()
+            .unwrap()
+            .insert(bundle.clone(), Instant::now())
+            .unwrap();
         DesiredBundle {
             digest,
             name: manifest.name,

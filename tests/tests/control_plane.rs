@@ -1,6 +1,7 @@
 //! The real control plane (embedded rumqttd, sled, REST API) with real agents in-process:
 //! staged rollouts that complete and that roll back, restart resumption on an external
-//! broker, auth, bad input, and malformed MQTT traffic.
+//! broker, auth, bad input, malformed MQTT traffic, and bundles leaving memory when no longer
+//! downloaded.
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,7 @@ mod broker;
 
 use flotilla_agent::config::BrokerConfig;
 use flotilla_control_plane::server::config::BrokerTls;
-use flotilla_shared::wire::{topics, Envelope, Presence};
+use flotilla_shared::wire::{topics, Chunk, ChunkPart, ChunkRequest, Envelope, Presence};
 use flotilla_tests::fleet::{traffic, Fleet, Mosquitto, ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN};
 use flotilla_tests::{pack_signed, pack_signed_with, set_release};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
@@ -661,6 +662,106 @@ async fn malformed_and_foreign_mqtt_messages_are_counted_and_dropped() {
     assert_eq!(summary["agents"], 0, "no agent was made up: {summary:#}");
     let (status, _) = fleet.get("/agents", Some(VIEWER_TOKEN)).await;
     assert_eq!(status, 200, "the server still answers");
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_leaves_memory_once_nobody_downloads_it_and_is_served_again_after() {
+    let fleet = Fleet::start_with(|config| config.bundle_hold_secs = 2).await;
+    let bundle = release("1.0.0", 1, &fleet);
+    let size = bundle.len() as u64;
+    let digest = flotilla_shared::Bundle::parse(&bundle).unwrap().digest();
+    fleet.upload(bundle).await;
+    let held = |text: &str| {
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.trim().parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
+        };
+        (
+            value("flotilla_held_bundles "),
+            value("flotilla_held_bundle_bytes "),
+        )
+    };
+    assert_eq!(
+        held(&metrics_text(&fleet).await),
+        (0, 0),
+        "nothing held before a request"
+    );
+
+    // A downloader's header request, as an agent sends it.
+    let port: u16 = fleet
+        .broker_url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut options = MqttOptions::new("edge-z", "127.0.0.1", port);
+    options.set_max_packet_size(4 << 20, 4 << 20);
+    let (client, mut events) = AsyncClient::new(options, 16);
+    let (headers_tx, mut headers) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(event) = events.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(publish)) = event {
+                if let Ok(chunk) = Envelope::<Chunk>::decode(&publish.payload) {
+                    let _ = headers_tx.send(chunk.body.part);
+                }
+            }
+        }
+    });
+    client
+        .subscribe(topics::bundle_chunks(&digest), QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let ask_header = |seq: u64| {
+        let request = ChunkRequest {
+            agent: "edge-z".into(),
+            header: true,
+            chunks: vec![],
+        };
+        let body = Envelope::new("edge-z", seq, 0, request).encode();
+        let client = client.clone();
+        async move {
+            client
+                .publish(
+                    topics::bundle_requests(&digest),
+                    QoS::AtLeastOnce,
+                    false,
+                    body,
+                )
+                .await
+                .unwrap()
+        }
+    };
+    // The subscription may not be in place yet: ask until the answer comes.
+    let mut seq = 0;
+    let first = loop {
+        seq += 1;
+        ask_header(seq).await;
+        match tokio::time::timeout(Duration::from_millis(500), headers.recv()).await {
+            Ok(part) => break part.unwrap(),
+            Err(_) => continue,
+        }
+    };
+    assert_eq!(first, ChunkPart::Header);
+    assert_eq!(
+        held(&metrics_text(&fleet).await),
+        (1, size),
+        "held while downloaded"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while held(&metrics_text(&fleet).await) != (0, 0) {
+        assert!(Instant::now() < deadline, "still held long after its hold");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Asked for again, it is read from the store and served as before.
+    ask_header(seq + 1).await;
+    let again = tokio::time::timeout(Duration::from_secs(10), headers.recv()).await;
+    assert_eq!(again.expect("answered").unwrap(), ChunkPart::Header);
+    assert_eq!(held(&metrics_text(&fleet).await), (1, size));
     fleet.shutdown().await;
 }
 

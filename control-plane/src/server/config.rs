@@ -50,6 +50,10 @@ pub struct ServerConfig {
     /// broker may have lost the will, for example when it restarted).
     #[serde(default = "default_agent_timeout_secs")]
     pub agent_timeout_secs: u64,
+    /// A bundle being downloaded is held in memory until nobody has asked for a chunk of it
+    /// for this many seconds; later requests read it from the store again. Default 300.
+    #[serde(default = "default_bundle_hold_secs")]
+    pub bundle_hold_secs: u64,
 }
 
 /// How the server reaches MQTT.
@@ -173,6 +177,7 @@ impl Default for ServerConfig {
             tokens: Vec::new(),
             max_upload_bytes: default_max_upload_bytes(),
             agent_timeout_secs: default_agent_timeout_secs(),
+            bundle_hold_secs: default_bundle_hold_secs(),
         }
     }
 }
@@ -216,6 +221,9 @@ impl ServerConfig {
         if self.agent_timeout_secs == 0 {
             bail!("agent_timeout_secs must be at least 1");
         }
+        if self.bundle_hold_secs == 0 {
+            bail!("bundle_hold_secs must be at least 1");
+        }
         Ok(())
     }
 
@@ -231,6 +239,11 @@ impl ServerConfig {
     /// How long an agent may stay silent before it counts as offline.
     pub fn agent_timeout(&self) -> Duration {
         Duration::from_secs(self.agent_timeout_secs)
+    }
+
+    /// How long a bundle nobody downloads stays in memory.
+    pub fn bundle_hold(&self) -> Duration {
+        Duration::from_secs(self.bundle_hold_secs)
     }
 }
 
@@ -264,6 +277,9 @@ fn default_max_upload_bytes() -> u64 {
 fn default_agent_timeout_secs() -> u64 {
     35
 }
+fn default_bundle_hold_secs() -> u64 {
+    crate::distribution::DEFAULT_HOLD.as_secs()
+}
 
 #[cfg(test)]
 mod tests {
@@ -277,6 +293,17 @@ mod tests {
                 .unwrap();
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("64 hex digits"), "{err}");
+    }
+
+    #[test]
+    fn bundle_hold_defaults_to_five_minutes_and_cannot_be_zero() {
+        assert_eq!(
+            ServerConfig::default().bundle_hold(),
+            Duration::from_secs(300)
+        );
+        let config: ServerConfig = toml::from_str("bundle_hold_secs = 0").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("bundle_hold_secs"), "{err}");
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //! | `flotilla_api_request_duration_seconds` | histogram | route | time to answer |
 //! | `flotilla_chunk_bytes_total` | counter | | bundle bytes published to downloaders |
 //! | `flotilla_chunk_requests_total` | counter | | chunk requests answered |
+//! | `flotilla_held_bundles` | gauge | | bundles held in memory for downloads |
+//! | `flotilla_held_bundle_bytes` | gauge | | their bytes |
 //! | `flotilla_mqtt_dropped_messages_total` | counter | reason | agent messages dropped (`malformed`, `foreign`, `duplicate`) |
 //! | `flotilla_mqtt_connected` | gauge | | 1 while the server's MQTT client is connected |
 //!
@@ -96,6 +98,8 @@ pub struct ServerMetrics {
     durations: Family<Route, Histogram>,
     chunk_bytes: Counter,
     chunk_requests: Counter,
+    held_bundles: Gauge,
+    held_bundle_bytes: Gauge,
     dropped: Family<Reason, Counter>,
     mqtt_connected: Gauge,
 }
@@ -124,6 +128,8 @@ impl ServerMetrics {
             }),
             chunk_bytes: Counter::default(),
             chunk_requests: Counter::default(),
+            held_bundles: Gauge::default(),
+            held_bundle_bytes: Gauge::default(),
             dropped: Family::default(),
             mqtt_connected: Gauge::default(),
         };
@@ -176,6 +182,16 @@ impl ServerMetrics {
             "flotilla_chunk_requests",
             "Chunk requests answered",
             metrics.chunk_requests.clone(),
+        );
+        registry.register(
+            "flotilla_held_bundles",
+            "Bundles held in memory for downloads",
+            metrics.held_bundles.clone(),
+        );
+        registry.register(
+            "flotilla_held_bundle_bytes",
+            "Bytes of the bundles held in memory for downloads",
+            metrics.held_bundle_bytes.clone(),
         );
         registry.register(
             "flotilla_mqtt_dropped_messages",
@@ -304,6 +320,11 @@ impl ServerMetrics {
         let requests = mqtt.chunk_requests.load(Ordering::Relaxed);
         self.chunk_requests
             .inc_by(requests.saturating_sub(self.chunk_requests.get()));
+        let gauge = |stat: &std::sync::atomic::AtomicU64| {
+            i64::try_from(stat.load(Ordering::Relaxed)).unwrap_or(i64::MAX)
+        };
+        self.held_bundles.set(gauge(&mqtt.held_bundles));
+        self.held_bundle_bytes.set(gauge(&mqtt.held_bytes));
         self.mqtt_connected
             .set(i64::from(mqtt.connected.load(Ordering::SeqCst)));
     }

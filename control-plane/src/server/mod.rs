@@ -163,6 +163,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
         store.clone(),
         out_rx,
         stats.clone(),
+        config.bundle_hold(),
         shutdown_rx.clone(),
     );
     tasks.push(tokio::spawn(run_clock(hub.clone(), shutdown_rx.clone())));

@@ -48,6 +48,10 @@ pub struct MqttStats {
     pub chunk_requests: AtomicU64,
     /// Chunk requests dropped as malformed.
     pub malformed_requests: AtomicU64,
+    /// Bundles held in memory for downloads now.
+    pub held_bundles: AtomicU64,
+    /// Their bytes.
+    pub held_bytes: AtomicU64,
 }
 
 /// Client options: the external broker's, or loopback to the embedded one.
@@ -72,13 +76,15 @@ pub fn client_options(mqtt: &MqttConfig) -> Result<MqttOptions> {
     Ok(options)
 }
 
-/// Starts the client tasks; they run until `shutdown` turns true.
+/// Starts the client tasks; they run until `shutdown` turns true. Bundles are held in memory
+/// for downloads until nobody has asked for them for `bundle_hold`.
 pub fn spawn(
     options: MqttOptions,
     hub: Arc<Mutex<Hub>>,
     store: Store,
     outgoing: mpsc::UnboundedReceiver<Outgoing>,
     stats: Arc<MqttStats>,
+    bundle_hold: Duration,
     shutdown: watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let (client, eventloop) = AsyncClient::new(options, CLIENT_QUEUE);
@@ -98,6 +104,7 @@ pub fn spawn(
             store,
             requests_rx,
             stats,
+            bundle_hold,
             shutdown,
         )),
     ]
@@ -366,19 +373,42 @@ async fn run_publisher(
     }
 }
 
-/// Answers chunk requests from the store's bundles, loading each into memory on first ask.
+/// Bounds on how often the distribution task looks for bundles to let go.
+const SWEEP_MIN: Duration = Duration::from_millis(100);
+const SWEEP_MAX: Duration = Duration::from_secs(30);
+
+fn publish_held(chunks: &ChunkServer, stats: &MqttStats) {
+    let (bundles, bytes) = chunks.held();
+    stats.held_bundles.store(bundles as u64, Ordering::Relaxed);
+    stats.held_bytes.store(bytes, Ordering::Relaxed);
+}
+
+/// Answers chunk requests from the store's bundles, loading each into memory on first ask
+/// and letting it go once nobody has asked for it for `hold`.
 async fn run_distribution(
     client: AsyncClient,
     store: Store,
     mut requests: mpsc::UnboundedReceiver<(Sha256Digest, Vec<u8>)>,
     stats: Arc<MqttStats>,
+    hold: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut chunks = ChunkServer::new(DEFAULT_SHARE_WINDOW);
     let mut seq = unix_ms();
+    // Looked at a few times per hold, so a bundle outlives its hold by a fraction of it.
+    let mut sweep = tokio::time::interval((hold / 4).clamp(SWEEP_MIN, SWEEP_MAX));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let request = tokio::select! {
             request = requests.recv() => request,
+            _ = sweep.tick() => {
+                let released = chunks.release_idle(Instant::now(), hold);
+                if released > 0 {
+                    tracing::debug!(released, "bundles no longer downloaded left memory");
+                }
+                publish_held(&chunks, &stats);
+                continue;
+            }
             _ = shutdown.changed() => break,
         };
         let Some((digest, payload)) = request else {
@@ -394,9 +424,10 @@ async fn run_distribution(
         if !chunks.holds(&digest) {
             match store.bundle_bytes(&digest) {
                 Ok(Some(bytes)) => {
-                    if let Err(e) = chunks.insert(bytes) {
+                    if let Err(e) = chunks.insert(bytes, Instant::now()) {
                         tracing::error!(%digest, error = %e, "a stored bundle does not parse");
                     }
+                    publish_held(&chunks, &stats);
                 }
                 Ok(None) => {}
                 Err(e) => {
