@@ -431,7 +431,10 @@ async fn text_models_refuse_token_tensors_and_odd_text_inputs() {
                 json!({ "inputs": inputs }),
             )
             .await
-            .assert_error(StatusCode::BAD_REQUEST, "exactly one BYTES input");
+            .assert_error(
+                StatusCode::BAD_REQUEST,
+                "tiny-bert-embed is a text model (embedding): send exactly one BYTES input",
+            );
     }
 }
 

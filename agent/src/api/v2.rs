@@ -414,8 +414,8 @@ fn job_for(model: &ServedModel, inputs: Vec<Tensor>) -> Result<Job, ApiError> {
     }
     let refuse = || {
         ApiError::BadRequest(format!(
-            "{} is a {} model: send exactly one BYTES input of shape [n] or [n, 1] holding \
-             the texts",
+            "{} is a text model ({}): send exactly one BYTES input of shape [n] or [n, 1] \
+             holding the texts",
             model.name(),
             meta.task
         ))
