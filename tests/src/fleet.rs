@@ -107,6 +107,21 @@ impl Fleet {
         self.server.as_ref().expect("server running")
     }
 
+    /// Options for a plain MQTT client of the fleet's broker (plain TCP, as the agents), with
+    /// packets as large as a chunk.
+    pub fn mqtt_options(&self, client_id: &str) -> rumqttc::MqttOptions {
+        let (host, port) = self
+            .broker_url
+            .trim_start_matches("mqtt://")
+            .rsplit_once(':')
+            .expect("broker URL has a port");
+        let port = port.parse().expect("broker port is a number");
+        let mut options = rumqttc::MqttOptions::new(client_id, host, port);
+        options.set_keep_alive(Duration::from_secs(5));
+        options.set_max_packet_size(4 << 20, 4 << 20);
+        options
+    }
+
     /// The server's data directory.
     pub fn server_dir(&self) -> PathBuf {
         self.dir.path().join("server")

@@ -13,7 +13,7 @@ use flotilla_control_plane::server::config::BrokerTls;
 use flotilla_shared::wire::{topics, Chunk, ChunkPart, ChunkRequest, Envelope, Presence};
 use flotilla_tests::fleet::{traffic, Fleet, Mosquitto, ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN};
 use flotilla_tests::{pack_signed, pack_signed_with, set_release};
-use rumqttc::{AsyncClient, MqttOptions, QoS};
+use rumqttc::{AsyncClient, QoS};
 use serde_json::{json, Value};
 
 const MODEL: &str = "tiny-bert-embed";
@@ -613,16 +613,7 @@ async fn selector_matching_nothing_and_overlapping_rollouts_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_foreign_mqtt_messages_are_counted_and_dropped() {
     let fleet = Fleet::start().await;
-    let port: u16 = fleet
-        .broker_url
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let mut options = MqttOptions::new("intruder", "127.0.0.1", port);
-    options.set_keep_alive(Duration::from_secs(5));
-    let (client, mut events) = AsyncClient::new(options, 16);
+    let (client, mut events) = AsyncClient::new(fleet.mqtt_options("intruder"), 16);
     tokio::spawn(async move { while events.poll().await.is_ok() {} });
 
     client
@@ -690,16 +681,7 @@ async fn a_bundle_leaves_memory_once_nobody_downloads_it_and_is_served_again_aft
     );
 
     // A downloader's header request, as an agent sends it.
-    let port: u16 = fleet
-        .broker_url
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let mut options = MqttOptions::new("edge-z", "127.0.0.1", port);
-    options.set_max_packet_size(4 << 20, 4 << 20);
-    let (client, mut events) = AsyncClient::new(options, 16);
+    let (client, mut events) = AsyncClient::new(fleet.mqtt_options("edge-z"), 16);
     let (headers_tx, mut headers) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok(event) = events.poll().await {
