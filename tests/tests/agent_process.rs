@@ -109,6 +109,88 @@ async fn standalone_serve_refuses_an_untrusted_bundle() {
     assert!(stderr.contains("no trusted publisher key"), "{stderr}");
 }
 
+/// `flotilla-agent serve` of the tiny embedder with a config file, its log kept.
+struct Serving {
+    child: KillOnDrop,
+    log: std::path::PathBuf,
+    /// The model's `/v2` metadata once it answered.
+    meta: serde_json::Value,
+    _dir: tempfile::TempDir,
+}
+
+impl Serving {
+    /// Starts it with `[inference]` holding `inference`, and waits until the model answers.
+    async fn start(inference: &str) -> Self {
+        let keys = TestKeys::default();
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("embed.fbundle");
+        std::fs::write(&bundle, pack_signed("tiny-bert-embed", &keys.publisher)).unwrap();
+        write_public_key(dir.path(), "publisher", &keys.publisher);
+        let port = free_port();
+        let config = dir.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[api]\nlisten = \"127.0.0.1:{port}\"\n\
+                 [inference]\n{inference}\n\
+                 [trust]\npublishers = [\"publisher.pub\"]\n"
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join("serve.log");
+        let child = KillOnDrop(
+            Command::new(binary("flotilla-agent"))
+                .args(["serve", "--bundle", bundle.to_str().unwrap()])
+                .args(["--config", config.to_str().unwrap()])
+                .env("RUST_LOG", "info,ort=warn")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        // Listening where the file says.
+        let client = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{port}/v2/models/tiny-bert-embed");
+        let meta = wait_for("the model's metadata", || async {
+            let response = client.get(&url).send().await.map_err(|e| e.to_string())?;
+            response.json().await.map_err(|e| e.to_string())
+        })
+        .await;
+        Self {
+            child,
+            log,
+            meta,
+            _dir: dir,
+        }
+    }
+
+    /// How many times the log says `what`, and the log.
+    fn logged(&self, what: &str) -> (usize, String) {
+        let text = std::fs::read_to_string(&self.log).unwrap();
+        (text.matches(what).count(), text)
+    }
+
+    /// Waits until the log says `what` `times` times.
+    async fn wait_logged(&self, what: &str, times: usize) {
+        wait_for(&format!("{times} × {what:?} in the log"), || async {
+            match self.logged(what) {
+                (n, _) if n >= times => Ok(()),
+                (_, text) => Err(text),
+            }
+        })
+        .await
+    }
+
+    /// SIGTERM; asserts the exit is clean.
+    fn stop(mut self) {
+        Command::new("kill")
+            .args(["-TERM", &self.child.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert_eq!(self.child.0.wait().unwrap().code(), Some(0));
+    }
+}
+
 /// `serve` has no heartbeat, yet a model that fell back must still be retried on its better
 /// engine: here CUDA, asked of the CPU-only library, so every retry fails and is logged.
 #[tokio::test]
@@ -118,69 +200,45 @@ async fn standalone_serve_takes_its_config_file_and_retries_a_failed_backend() {
         assert!(onnxruntime::runtime().is_none());
         return;
     };
-    let keys = TestKeys::default();
-    let dir = tempfile::tempdir().unwrap();
-    let bundle = dir.path().join("embed.fbundle");
-    std::fs::write(&bundle, pack_signed("tiny-bert-embed", &keys.publisher)).unwrap();
-    write_public_key(dir.path(), "publisher", &keys.publisher);
-    let port = free_port();
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[api]\nlisten = \"127.0.0.1:{port}\"\n\
-             [inference]\nonnxruntime_library = {library:?}\ngpu_providers = [\"cuda\"]\n\
-             retry_secs = 1\n\
-             [trust]\npublishers = [\"publisher.pub\"]\n"
-        ),
-    )
-    .unwrap();
-    let log = dir.path().join("serve.log");
-
-    let mut child = KillOnDrop(
-        Command::new(binary("flotilla-agent"))
-            .args(["serve", "--bundle", bundle.to_str().unwrap()])
-            .args(["--config", config.to_str().unwrap()])
-            .env("RUST_LOG", "info,ort=warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-
-    // Listening where the file says, on ort/cpu, degraded from the CUDA asked for.
-    let client = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{port}/v2/models/tiny-bert-embed");
-    let meta: serde_json::Value = wait_for("the model's metadata", || async {
-        let response = client.get(&url).send().await.map_err(|e| e.to_string())?;
-        response.json().await.map_err(|e| e.to_string())
-    })
+    let serving = Serving::start(&format!(
+        "onnxruntime_library = {library:?}\ngpu_providers = [\"cuda\"]\nretry_secs = 1"
+    ))
     .await;
+    let meta = &serving.meta;
     assert_eq!(meta["parameters"]["provider"], "cpu", "{meta:#}");
     let cause = meta["parameters"]["degraded"].as_str().unwrap_or_default();
     assert!(cause.contains("ort/cuda"), "{meta:#}");
 
-    let logged = |what: &str| {
-        let text = std::fs::read_to_string(&log).unwrap();
-        (text.matches(what).count(), text)
-    };
-    wait_for("two retries of the CUDA engine", || async {
-        match logged("better engine still fails") {
-            (n, _) if n >= 2 => Ok(()),
-            (_, text) => Err(text),
-        }
-    })
-    .await;
-    assert_eq!(logged("serving degraded").0, 1, "each cause is logged once");
+    serving.wait_logged("better engine still fails", 2).await;
+    assert_eq!(
+        serving.logged("serving degraded").0,
+        1,
+        "each cause is logged once"
+    );
+    serving.stop();
+}
 
-    Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    let exit = tokio::task::spawn_blocking(move || child.0.wait().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(exit.code(), Some(0));
+/// A library that is there but does not load is not the same as no library: the operator
+/// asked for ONNX Runtime, so the model runs on tract as a degradation, with the reason.
+#[tokio::test]
+async fn an_onnxruntime_library_that_does_not_load_is_reported_as_a_degradation() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("libonnxruntime.so.1.31.1");
+    std::fs::write(&broken, b"not a shared library").unwrap();
+    let serving = Serving::start(&format!("onnxruntime_library = {broken:?}")).await;
+    let meta = &serving.meta;
+    assert_eq!(meta["parameters"]["backend"], "tract", "{meta:#}");
+    let cause = meta["parameters"]["degraded"].as_str().unwrap_or_default();
+    assert!(
+        cause.starts_with("ort/cpu: ")
+            && cause.contains("cannot load onnxruntime library")
+            && cause.ends_with("running on tract"),
+        "{meta:#}"
+    );
+    serving.wait_logged("serving degraded", 1).await;
+    let (_, log) = serving.logged("");
+    assert!(!log.contains("models run on tract"), "not called absent: {log}");
+    serving.stop();
 }
 
 /// Whether the process `pid` has the ONNX Runtime library mapped.

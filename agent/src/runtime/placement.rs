@@ -42,24 +42,13 @@ impl Placement {
         }
     }
 
-    /// ONNX Runtime, started on first use; `None` when it is not preferred or cannot start,
-    /// which is logged once per process.
-    pub fn ort(&self) -> Option<&'static OrtRuntime> {
-        if !self.backends.contains(&Backend::Ort) {
-            return None;
-        }
-        match OrtRuntime::init(&self.ort) {
-            Ok(runtime) => {
-                LOADED.call_once(|| {
-                    info!(library = %runtime.library().display(), "onnxruntime loaded");
-                });
-                Some(runtime)
-            }
-            Err(error) => {
-                say_unavailable(&error.to_string());
-                None
-            }
-        }
+    /// ONNX Runtime, started now if it is not yet; `None` when it does not start.
+    fn start_ort(&self) -> Option<&'static OrtRuntime> {
+        let runtime = OrtRuntime::init(&self.ort).ok()?;
+        LOADED.call_once(|| {
+            info!(library = %runtime.library().display(), "onnxruntime loaded");
+        });
+        Some(runtime)
     }
 
     /// Whether ONNX Runtime can serve here without loading it: it is loaded already, or its
@@ -95,9 +84,12 @@ impl Placement {
             .collect()
     }
 
-    /// Targets to try for a bundle that allows `allowed`, best first.
+    /// Targets to try for a bundle that allows `allowed`, best first. ONNX Runtime's are in
+    /// whenever its library is present, even if it does not start: their loads then fail with
+    /// the reason, and the model runs on tract, degraded, until a retry starts it.
     pub fn targets(&self, allowed: &[Backend]) -> Vec<Target> {
-        let ort = self.ort();
+        let ort_present = self.ort_present();
+        let ort = if ort_present { self.start_ort() } else { None };
         let gpu: Vec<Provider> = match (&self.gpu_providers, ort) {
             (GpuProviders::Listed(list), _) => list.clone(),
             (GpuProviders::Auto, Some(runtime)) if self.host_gpu => {
@@ -112,7 +104,7 @@ impl Placement {
             .backends
             .iter()
             .copied()
-            .filter(|b| *b == Backend::Tract || ort.is_some())
+            .filter(|b| *b == Backend::Tract || ort_present)
             .collect();
         plan(&available, allowed, &gpu)
     }
