@@ -237,7 +237,10 @@ async fn an_onnxruntime_library_that_does_not_load_is_reported_as_a_degradation(
     );
     serving.wait_logged("serving degraded", 1).await;
     let (_, log) = serving.logged("");
-    assert!(!log.contains("models run on tract"), "not called absent: {log}");
+    assert!(
+        !log.contains("models run on tract"),
+        "not called absent: {log}"
+    );
     serving.stop();
 }
 

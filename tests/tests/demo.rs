@@ -30,7 +30,9 @@ fn the_demo_runs_its_script_to_the_expected_outcomes() {
         "✓ tiny-bert-embed-2.1.0-1",
         "✓ tiny-bert-embed-3.0.0-1",
         "gate self_test_failures",
+        "(over 1 reachable agent)",
         "gate p99_ratio",
+        "paired requests)",
         "agents serve (asked on their own APIs): tiny-bert-embed@2.0.0 ×4",
     ] {
         assert!(stdout.contains(expected), "no {expected:?} in:\n{stdout}");

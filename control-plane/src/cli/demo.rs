@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 
 use crate::keyfile;
 use crate::pack;
+use crate::rollout::GateName;
 use crate::server::config::ServerConfig;
 
 /// The model every release is a version of.
@@ -821,7 +822,7 @@ fn describe_outcome(view: &Value) -> String {
                 failure["gate"].as_str().unwrap_or("?"),
                 failure["value"].as_f64().unwrap_or(f64::NAN),
                 failure["threshold"],
-                failure["basis"],
+                basis_text(&failure["gate"], &failure["basis"]),
                 reverted.len(),
                 reverted.join(", ")
             );
@@ -848,4 +849,11 @@ fn number(value: &Value) -> String {
     value
         .as_f64()
         .map_or_else(|| "-".into(), |v| format!("{v:.2}"))
+}
+
+/// A gate's basis with what it counts, from an API document's gate and basis.
+fn basis_text(gate: &Value, basis: &Value) -> String {
+    let basis = basis.as_u64().unwrap_or(0);
+    serde_json::from_value::<GateName>(gate.clone())
+        .map_or_else(|_| basis.to_string(), |gate| gate.basis_text(basis))
 }

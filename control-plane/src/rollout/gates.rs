@@ -30,6 +30,33 @@ pub enum GateName {
 }
 
 impl GateName {
+    /// The name used in specs and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InstallFailures => "install_failures",
+            Self::SelfTestFailures => "self_test_failures",
+            Self::Dropped => "dropped",
+            Self::ErrorRate => "error_rate",
+            Self::P99Ms => "p99_ms",
+            Self::P99Ratio => "p99_ratio",
+            Self::Reporting => "reporting",
+        }
+    }
+
+    /// `basis` with what [`GateValue::basis`] counts for this gate: "3 reachable agents",
+    /// "1 paired request".
+    pub fn basis_text(self, basis: u64) -> String {
+        let (one, many) = match self {
+            Self::InstallFailures | Self::SelfTestFailures | Self::Reporting => {
+                ("reachable agent", "reachable agents")
+            }
+            Self::Dropped => ("agent that received it", "agents that received it"),
+            Self::ErrorRate | Self::P99Ms => ("request", "requests"),
+            Self::P99Ratio => ("paired request", "paired requests"),
+        };
+        format!("{basis} {}", if basis == 1 { one } else { many })
+    }
+
     /// Whether the gate can only get worse as a wave goes on, so a breach decides the wave
     /// at once instead of at the end of the bake.
     pub fn decides_early(self) -> bool {
@@ -206,6 +233,24 @@ mod tests {
             .iter()
             .find(|v| v.gate == gate)
             .unwrap_or_else(|| panic!("{gate:?} missing from {values:?}"))
+    }
+
+    #[test]
+    fn gate_names_are_the_serialised_ones() {
+        for gate in [
+            GateName::InstallFailures,
+            GateName::SelfTestFailures,
+            GateName::Dropped,
+            GateName::ErrorRate,
+            GateName::P99Ms,
+            GateName::P99Ratio,
+            GateName::Reporting,
+        ] {
+            let serialised = serde_json::to_value(gate).unwrap();
+            assert_eq!(serialised, gate.as_str());
+        }
+        assert_eq!(GateName::Reporting.basis_text(1), "1 reachable agent");
+        assert_eq!(GateName::P99Ratio.basis_text(163), "163 paired requests");
     }
 
     #[test]

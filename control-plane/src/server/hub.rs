@@ -806,8 +806,8 @@ pub fn describe_rollout_event(id: &str, event: &RolloutEvent) -> String {
             gates
                 .iter()
                 .map(|g| format!(
-                    "{:?} {} (limit {}){}",
-                    g.gate,
+                    "{} {} (limit {}){}",
+                    g.gate.as_str(),
                     g.value.map_or("-".into(), |v| format!("{v:.3}")),
                     g.threshold,
                     if g.passed { "" } else { " FAILED" }
@@ -817,12 +817,12 @@ pub fn describe_rollout_event(id: &str, event: &RolloutEvent) -> String {
         ),
         RolloutEvent::WavePassed { wave, .. } => format!("rollout {id} wave {wave} passed"),
         RolloutEvent::GateFailed(f) => format!(
-            "rollout {id} wave {} failed gate {:?}: {} against limit {} (over {})",
+            "rollout {id} wave {} failed gate {}: {} against limit {} (over {})",
             f.wave,
-            f.gate,
+            f.gate.as_str(),
             f.value.map_or("-".into(), |v| format!("{v:.3}")),
             f.threshold,
-            f.basis
+            f.gate.basis_text(f.basis)
         ),
         RolloutEvent::Paused { wave, reason, .. } => {
             format!("rollout {id} paused in wave {wave}: {reason}")

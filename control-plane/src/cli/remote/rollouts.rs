@@ -388,52 +388,29 @@ fn describe_failure(f: &GateFailure) -> String {
     format!(
         "wave {} gate {}: {} against limit {} over {}",
         f.wave,
-        gate_name(f.gate),
+        f.gate.as_str(),
         f.value
             .map_or_else(|| "nothing measured".into(), |v| format!("{v}")),
         f.threshold,
-        f.basis
+        f.gate.basis_text(f.basis)
     )
-}
-
-fn gate_name(gate: GateName) -> &'static str {
-    match gate {
-        GateName::InstallFailures => "install_failures",
-        GateName::SelfTestFailures => "self_test_failures",
-        GateName::Dropped => "dropped",
-        GateName::ErrorRate => "error_rate",
-        GateName::P99Ms => "p99_ms",
-        GateName::P99Ratio => "p99_ratio",
-        GateName::Reporting => "reporting",
-    }
 }
 
 /// A gate's measured value and limit in its unit, with the comparison that must hold and
 /// what the value is taken over.
 fn gate_cells(gate: &GateValue, spec: &Gates) -> [String; 3] {
-    let threshold_of = |t: Option<Threshold>| match t {
-        Some(Threshold::Percent(_)) => ("%", "reachable agents"),
-        _ => (" agents", "reachable agents"),
+    let unit_of = |t: Option<Threshold>| match t {
+        Some(Threshold::Percent(_)) => "%",
+        _ => " agents",
     };
-    let (unit, basis, decimals, comparison) = match gate.gate {
-        GateName::InstallFailures => {
-            let (unit, basis) = threshold_of(spec.max_install_failures);
-            (unit, basis, 1, "<=")
-        }
-        GateName::SelfTestFailures => {
-            let (unit, basis) = threshold_of(spec.max_self_test_failures);
-            (unit, basis, 1, "<=")
-        }
-        GateName::Dropped => (
-            threshold_of(spec.max_dropped).0,
-            "agents that received it",
-            1,
-            "<=",
-        ),
-        GateName::ErrorRate => ("", "requests", 4, "<="),
-        GateName::P99Ms => (" ms", "requests", 1, "<="),
-        GateName::P99Ratio => ("x", "paired requests", 2, "<="),
-        GateName::Reporting => ("", "reachable agents", 2, ">="),
+    let (unit, decimals, comparison) = match gate.gate {
+        GateName::InstallFailures => (unit_of(spec.max_install_failures), 1, "<="),
+        GateName::SelfTestFailures => (unit_of(spec.max_self_test_failures), 1, "<="),
+        GateName::Dropped => (unit_of(spec.max_dropped), 1, "<="),
+        GateName::ErrorRate => ("", 4, "<="),
+        GateName::P99Ms => (" ms", 1, "<="),
+        GateName::P99Ratio => ("x", 2, "<="),
+        GateName::Reporting => ("", 2, ">="),
     };
     let show = |v: f64| {
         if unit == " agents" {
@@ -445,7 +422,7 @@ fn gate_cells(gate: &GateValue, spec: &Gates) -> [String; 3] {
     [
         gate.value.map_or_else(|| "-".into(), show),
         format!("{comparison} {}", show(gate.threshold)),
-        format!("{} {basis}", gate.basis),
+        gate.gate.basis_text(gate.basis),
     ]
 }
 
@@ -542,7 +519,7 @@ fn describe_wave(wave: &WaveDoc, gates: &Gates, now: u64) -> String {
         for gate in &wave.gates {
             let [value, limit, basis] = gate_cells(gate, gates);
             table.row(vec![
-                gate_name(gate.gate).into(),
+                gate.gate.as_str().into(),
                 value,
                 limit,
                 basis,
