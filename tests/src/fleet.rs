@@ -136,8 +136,13 @@ impl Fleet {
 
     /// Starts a new server on the same data directory, as a client of `broker_url`.
     pub async fn restart_server_on_broker(&mut self) {
+        self.restart_server_on_broker_in(self.server_dir()).await;
+    }
+
+    /// Starts a new server on `data_dir`, as a client of `broker_url`.
+    pub async fn restart_server_on_broker_in(&mut self, data_dir: PathBuf) {
         assert!(self.server.is_none(), "stop the server first");
-        let mut config = test_config(self.server_dir(), self.dir.path().join("publisher.pub"));
+        let mut config = test_config(data_dir, self.dir.path().join("publisher.pub"));
         config.mqtt.external = Some(BrokerConfig {
             url: self.broker_url.clone(),
             ..BrokerConfig::default()

@@ -1,7 +1,7 @@
 //! The real control plane (embedded rumqttd, sled, REST API) with real agents in-process:
 //! staged rollouts that complete and that roll back, restart resumption on an external
-//! broker, auth, bad input, malformed MQTT traffic, and bundles leaving memory when no longer
-//! downloaded.
+//! broker, auth, bad input, malformed MQTT traffic, bundles leaving memory when no longer
+//! downloaded, and a backup restored onto a new server.
 
 use std::time::{Duration, Instant};
 
@@ -744,6 +744,134 @@ async fn a_bundle_leaves_memory_once_nobody_downloads_it_and_is_served_again_aft
     let again = tokio::time::timeout(Duration::from_secs(10), headers.recv()).await;
     assert_eq!(again.expect("answered").unwrap(), ChunkPart::Header);
     assert_eq!(held(&metrics_text(&fleet).await), (1, size));
+    fleet.shutdown().await;
+}
+
+/// Runs the `flotilla` binary; returns whether it succeeded, stdout and stderr.
+fn flotilla(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
+    let out = std::process::Command::new(flotilla_tests::binary("flotilla"))
+        .args(args)
+        .output()
+        .expect("flotilla runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// What an operator sees of the server's state: bundles, rollouts, agents' records and the
+/// event log, with what changes by itself (presence, heartbeats) left out.
+async fn state_of(fleet: &Fleet) -> Value {
+    let get = |path: &'static str| async move { fleet.get(path, Some(VIEWER_TOKEN)).await.1 };
+    let agents: Vec<Value> = get("/agents")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            json!([
+                a["id"],
+                a["labels"],
+                a["capabilities"],
+                a["first_seen_ms"],
+                a["active"],
+                a["desired"]
+            ])
+        })
+        .collect();
+    json!({
+        "bundles": get("/bundles").await,
+        "rollouts": get("/rollouts").await,
+        "agents": agents,
+        "events": get("/events?limit=1000").await["events"],
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_restored_onto_a_new_server_carries_the_fleet_on() {
+    let (mut fleet, agents) = fleet_on_v1().await;
+    fleet.upload(release("2.0.0", 2, &fleet)).await;
+    let api = format!("http://{}", fleet.server().api_addr);
+    let file = fleet.dir.path().join("fleet.backup");
+    let backup = |token: &str| {
+        flotilla(&[
+            "backup".as_ref(),
+            "--out".as_ref(),
+            file.as_os_str(),
+            "--server".as_ref(),
+            api.as_ref(),
+            "--token".as_ref(),
+            token.as_ref(),
+        ])
+    };
+
+    let (ok, _, stderr) = backup(OPERATOR_TOKEN);
+    assert!(!ok && stderr.contains("HTTP 403"), "admin only: {stderr}");
+    assert!(!file.exists());
+    let (ok, stdout, stderr) = backup(ADMIN_TOKEN);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("backed up 4 agents, 2 bundles"), "{stdout}");
+    // Nothing changes by itself once every agent is on v1 and idle, so this is the state the
+    // backup holds.
+    let before = state_of(&fleet).await;
+
+    // The server and its data directory are lost; the backup and the key were kept.
+    fleet.stop_server().await;
+    let restored = fleet.dir.path().join("restored");
+    let restore = || {
+        flotilla(&[
+            "server".as_ref(),
+            "restore".as_ref(),
+            file.as_os_str(),
+            "--data-dir".as_ref(),
+            restored.as_os_str(),
+        ])
+    };
+    let (ok, stdout, stderr) = restore();
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("copy the old data directory's control-plane.key"),
+        "{stdout}"
+    );
+    let (ok, _, stderr) = restore();
+    assert!(
+        !ok && stderr.contains("already holds a database"),
+        "{stderr}"
+    );
+    for key in ["control-plane.key", "control-plane.pub"] {
+        std::fs::copy(fleet.server_dir().join(key), restored.join(key)).unwrap();
+    }
+    fleet.restart_server_on_broker_in(restored).await;
+
+    let after = state_of(&fleet).await;
+    assert_eq!(after["bundles"], before["bundles"]);
+    assert_eq!(after["rollouts"], before["rollouts"]);
+    assert_eq!(after["agents"], before["agents"]);
+    let old_events = before["events"].as_array().unwrap();
+    assert_eq!(
+        after["events"].as_array().unwrap()[..old_events.len()],
+        old_events[..],
+        "the event log is restored as it was"
+    );
+
+    // The new server's desired states are signed by the same key and numbered on from the
+    // restored ones, so the agents follow it into the next release.
+    fleet.roll_out_everywhere("2.0.0").await;
+    for agent in &agents {
+        fleet.wait_version(agent, "2.0.0").await;
+    }
+    let events = state_of(&fleet).await["events"].clone();
+    let ids: Vec<u64> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_u64().unwrap())
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]) && ids.len() > old_events.len(),
+        "new events follow the restored ones: {ids:?}"
+    );
     fleet.shutdown().await;
 }
 

@@ -55,11 +55,23 @@ pub enum Command {
     },
     /// Read a control plane's event log, oldest first.
     Events(EventsArgs),
+    /// Download a backup of a running control plane's state (admin), checked before it is
+    /// kept; `flotilla server restore` puts it back.
+    Backup {
+        /// File to write; replaced only once the new backup has checked out.
+        #[arg(long)]
+        out: PathBuf,
+        /// Server and token.
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
     /// Run the whole system locally: a control plane, agents, staged rollouts, rollbacks.
     Demo(DemoArgs),
-    /// Run the control plane (embedded MQTT broker unless --broker), or make API tokens.
+    /// Run the control plane (embedded MQTT broker unless --broker), make API tokens, or
+    /// restore a backup.
     Server {
-        /// `token` to make an API token; nothing to run the server.
+        /// `token` to make an API token, `restore` to restore a backup; nothing to run the
+        /// server.
         #[command(subcommand)]
         command: Option<ServerCommand>,
         /// Flags for running the server.
@@ -79,6 +91,15 @@ pub enum ServerCommand {
         /// viewer (read), operator (bundles and rollouts) or admin.
         #[arg(long, value_parser = parse_role)]
         role: crate::server::config::Role,
+    },
+    /// Restore a backup made by `flotilla backup` into a data directory that holds no
+    /// database yet; then start the server on it.
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+        /// The new data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
     },
 }
 
@@ -282,11 +303,16 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             remote::fleet::events(&filter, args.follow, &args.remote, args.json)
         }
+        Command::Backup { out, remote } => remote::backup::download(&out, &remote),
         Command::Demo(args) => demo::run(&args),
         Command::Server {
             command: Some(ServerCommand::Token { name, role }),
             ..
         } => server::token(&name, role),
+        Command::Server {
+            command: Some(ServerCommand::Restore { file, data_dir }),
+            ..
+        } => server::restore(&file, &data_dir),
         Command::Server {
             command: None,
             args,

@@ -1,7 +1,7 @@
 //! `flotilla server`: run the hub, and make API tokens for its config.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -183,6 +183,24 @@ pub fn token(name: &str, role: Role) -> Result<()> {
     println!("name = {name:?}");
     println!("role = \"{role}\"");
     println!("sha256 = \"{}\"", hash_token(&token));
+    Ok(())
+}
+
+/// Restores a backup into `data_dir` and says what still has to be copied by hand.
+pub fn restore(file: &Path, data_dir: &Path) -> Result<()> {
+    let summary = crate::server::backup::restore(file, data_dir)?;
+    println!("restored {summary}");
+    println!("into {}", data_dir.display());
+    let key = crate::server::key_path(data_dir);
+    if !key.exists() {
+        println!();
+        println!(
+            "copy the old data directory's control-plane.key (and .pub) to {} before starting \
+             the server: agents trust only that key, and a server without it makes a new one \
+             whose desired states every agent refuses",
+            data_dir.display()
+        );
+    }
     Ok(())
 }
 

@@ -15,6 +15,7 @@
 //!   [`tls`]: HTTPS for them.
 
 pub mod api;
+pub mod backup;
 pub mod broker;
 pub mod config;
 pub mod hub;
@@ -25,7 +26,7 @@ pub mod store;
 pub mod tls;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -258,10 +259,15 @@ async fn run_clock(hub: Arc<Mutex<Hub>>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
+/// Where the server's signing key lives in `data_dir`.
+pub fn key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(format!("{KEY_NAME}.key"))
+}
+
 /// The server's signing key: `DATA_DIR/control-plane.key`, made (0600, with the `.pub`
 /// beside it) on first start.
 fn server_key(data_dir: &Path) -> Result<SecretKey> {
-    let path = data_dir.join(format!("{KEY_NAME}.key"));
+    let path = key_path(data_dir);
     if !path.exists() {
         let pair = keyfile::generate(KEY_NAME, data_dir)?;
         tracing::info!(

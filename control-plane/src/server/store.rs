@@ -6,8 +6,10 @@
 //! request, so what the API confirmed survives a crash.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use flotilla_shared::wire::DesiredState;
 use flotilla_shared::Sha256Digest;
 use serde::de::DeserializeOwned;
@@ -64,6 +66,20 @@ pub struct EventRecord {
     pub detail: serde_json::Value,
 }
 
+/// Every tree of the store, as backups name them.
+pub const TREES: [&str; 6] = [
+    "agents", "bundles", "payloads", "desired", "rollouts", "events",
+];
+
+/// Every record but the bundle payloads, and the payloads' keys, as of one moment.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// (tree, key, value) for each record of each tree but `payloads`.
+    pub records: Vec<(&'static str, Vec<u8>, Vec<u8>)>,
+    /// Keys of the bundle payloads those records refer to.
+    pub payloads: Vec<Vec<u8>>,
+}
+
 /// Handle on the database; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -74,6 +90,9 @@ pub struct Store {
     desired: sled::Tree,
     rollouts: sled::Tree,
     events: sled::Tree,
+    /// The last event id given out. Kept from the log itself rather than the database's id
+    /// generator, so a restored log goes on where it ended.
+    last_event: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -91,15 +110,75 @@ impl Store {
             db.open_tree(name)
                 .with_context(|| format!("cannot open tree {name}"))
         };
+        let events = tree("events")?;
+        let last_event = match events.last().context("cannot read the event log")? {
+            Some((key, _)) => event_id(&key)?,
+            None => 0,
+        };
         Ok(Self {
             agents: tree("agents")?,
             bundles: tree("bundles")?,
             payloads: tree("payloads")?,
             desired: tree("desired")?,
             rollouts: tree("rollouts")?,
-            events: tree("events")?,
+            events,
+            last_event: Arc::new(AtomicU64::new(last_event)),
             db,
         })
+    }
+
+    fn tree(&self, name: &str) -> Option<&sled::Tree> {
+        Some(match name {
+            "agents" => &self.agents,
+            "bundles" => &self.bundles,
+            "payloads" => &self.payloads,
+            "desired" => &self.desired,
+            "rollouts" => &self.rollouts,
+            "events" => &self.events,
+            _ => return None,
+        })
+    }
+
+    /// Every record but the payloads, and the payloads' keys. Consistent only if nothing
+    /// writes meanwhile: the caller holds the hub's lock, which every write goes through.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let mut snapshot = Snapshot::default();
+        for name in TREES.into_iter().filter(|t| *t != "payloads") {
+            let tree = self
+                .tree(name)
+                .expect("invariant: TREES are the store's trees");
+            for item in tree.iter() {
+                let (key, value) = item.with_context(|| format!("cannot read tree {name}"))?;
+                if name == "bundles" {
+                    snapshot.payloads.push(key.to_vec());
+                }
+                snapshot.records.push((name, key.to_vec(), value.to_vec()));
+            }
+        }
+        Ok(snapshot)
+    }
+
+    /// A bundle payload by its key in the `payloads` tree.
+    pub fn payload(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.payloads.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Writes one record as a backup holds it. For restoring into a new store only.
+    pub fn insert_raw(&self, tree: &str, key: &[u8], value: &[u8]) -> Result<()> {
+        let Some(found) = self.tree(tree) else {
+            bail!("no tree {tree:?} in the store");
+        };
+        found.insert(key, value)?;
+        if tree == "events" {
+            self.last_event.fetch_max(event_id(key)?, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// [`Store::flush`], for callers outside a runtime.
+    pub fn flush_blocking(&self) -> Result<()> {
+        self.db.flush().context("cannot flush the database")?;
+        Ok(())
     }
 
     /// Makes every write so far durable.
@@ -171,7 +250,7 @@ impl Store {
 
     /// Appends to the event log, assigning the id.
     pub fn append_event(&self, mut record: EventRecord) -> Result<EventRecord> {
-        let id = self.db.generate_id()? + 1;
+        let id = self.last_event.fetch_add(1, Ordering::SeqCst) + 1;
         record.id = id;
         let bytes = serde_json::to_vec(&record)?;
         self.events.insert(id.to_be_bytes(), bytes)?;
@@ -196,6 +275,12 @@ impl Store {
     ) -> Result<Vec<EventRecord>> {
         collect_events(self.events.iter().rev(), limit, keep)
     }
+}
+
+/// An event's id from its key.
+fn event_id(key: &[u8]) -> Result<u64> {
+    let bytes: [u8; 8] = key.try_into().context("corrupt event key")?;
+    Ok(u64::from_be_bytes(bytes))
 }
 
 fn collect_events(

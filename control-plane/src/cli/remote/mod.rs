@@ -2,8 +2,9 @@
 //!
 //! [`Client`] holds the server URL and token and turns every answer into either JSON or an
 //! error that carries the API's own message and status. The verbs live in [`bundles`],
-//! [`rollouts`] and [`fleet`]; [`table`] lays out their human-readable output.
+//! [`rollouts`], [`fleet`] and [`backup`]; [`table`] lays out their human-readable output.
 
+pub(super) mod backup;
 pub(super) mod bundles;
 pub(super) mod fleet;
 pub(super) mod rollouts;
@@ -159,15 +160,19 @@ impl Client {
         self.send(request, &url)
     }
 
-    fn send(&self, mut request: RequestBuilder, url: &Url) -> Result<Answer> {
-        if let Some(token) = &self.token {
-            request = request.bearer_auth(token);
-        }
-        let response = request.send().map_err(|e| self.transport_error(&e, url))?;
+    /// `GET` a raw octet stream under the base URL into `out`, with no overall time limit;
+    /// returns the bytes copied.
+    pub(crate) fn download(&self, segments: &[&str], out: &mut impl std::io::Write) -> Result<u64> {
+        let url = self.url(segments, &[]);
+        let mut response = self.respond(self.uploads.get(url.clone()), &url)?;
+        response
+            .copy_to(out)
+            .map_err(|e| self.transport_error(&e, &url))
+    }
+
+    fn send(&self, request: RequestBuilder, url: &Url) -> Result<Answer> {
+        let response = self.respond(request, url)?;
         let status = response.status();
-        if !status.is_success() {
-            return Err(api_failure(response).into());
-        }
 
         let text = response.text().map_err(|e| self.transport_error(&e, url))?;
         let json = serde_json::from_str(&text).with_context(|| {
@@ -177,6 +182,18 @@ impl Client {
             )
         })?;
         Ok(Answer { status, json })
+    }
+
+    /// Sends with the token; a non-2xx answer is an [`ApiFailure`].
+    fn respond(&self, mut request: RequestBuilder, url: &Url) -> Result<Response> {
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().map_err(|e| self.transport_error(&e, url))?;
+        if !response.status().is_success() {
+            return Err(api_failure(response).into());
+        }
+        Ok(response)
     }
 
     fn transport_error(&self, e: &reqwest::Error, url: &Url) -> anyhow::Error {

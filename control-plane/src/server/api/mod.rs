@@ -2,7 +2,7 @@
 //! document at `/api/v1/openapi.json`, generated from the handlers' annotations.
 //!
 //! Every `/api/v1` route but the OpenAPI document needs a bearer token; reads need `viewer`,
-//! bundle uploads and rollout changes `operator`, forgetting an agent `admin`. Errors are
+//! bundle uploads and rollout changes `operator`, forgetting an agent and backups `admin`. Errors are
 //! `{"error": "..."}` with 400 (bad input), 401 (no or unknown token), 403 (role too low),
 //! 404, 409 (conflicts with the current state), 413 (upload too large) or 500.
 
@@ -160,6 +160,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(list_events))
         .routes(routes!(server_key))
         .routes(routes!(whoami))
+        .routes(routes!(backup))
         .split_for_parts();
     let openapi = Arc::new(openapi);
     Router::new()
@@ -563,6 +564,64 @@ async fn whoami(caller: Caller, State(state): State<AppState>) -> Json<WhoAmI> {
         role: caller.role(),
         max_upload_bytes: u64::try_from(state.max_upload_bytes).unwrap_or(u64::MAX),
     })
+}
+
+/// A backup of the server's whole state (admin), streamed: agents, bundles and their bytes,
+/// desired states, rollouts and the event log, as one file that `flotilla server restore`
+/// takes. The records are read at one moment under the hub's lock; keys are not included.
+#[utoipa::path(get, path = "/api/v1/backup", tag = "server", security(("bearer" = [])),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 403, body = ErrorBody)))]
+async fn backup(Admin(_): Admin, State(state): State<AppState>) -> ApiResult<Response> {
+    let snapshot = {
+        let _writes = state.hub();
+        state.store.snapshot()?
+    };
+    let created_ms = unix_ms();
+    let store = state.store.clone();
+    // The file is written on a blocking thread into a small channel, so a slow reader holds
+    // at most a few pieces of it in memory.
+    let (pieces, received) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+    tokio::task::spawn_blocking(move || {
+        let out = std::io::BufWriter::with_capacity(BACKUP_PIECE, ChannelWriter(pieces.clone()));
+        if let Err(error) = super::backup::write(&store, snapshot, created_ms, out) {
+            tracing::error!(error = %format!("{error:#}"), "backup failed");
+            let _ = pieces.blocking_send(Err(std::io::Error::other(format!("{error:#}"))));
+        }
+    });
+    let stream = futures_util::stream::unfold(received, |mut received| async move {
+        received.recv().await.map(|piece| (piece, received))
+    });
+    let name = format!("attachment; filename=\"flotilla-{created_ms}.backup\"");
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::CONTENT_DISPOSITION, name),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// Bytes per piece of a streamed backup.
+const BACKUP_PIECE: usize = 256 * 1024;
+
+/// Hands what is written to an async receiver, at most [`BACKUP_PIECE`] bytes at a time (a
+/// bundle's bytes arrive in one write); fails once the receiver is gone.
+struct ChannelWriter(tokio::sync::mpsc::Sender<std::io::Result<Bytes>>);
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let piece = &bytes[..bytes.len().min(BACKUP_PIECE)];
+        self.0
+            .blocking_send(Ok(Bytes::copy_from_slice(piece)))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away"))?;
+        Ok(piece.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The control plane's public key (PEM): agents need it to check desired states.
