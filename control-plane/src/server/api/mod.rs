@@ -585,7 +585,8 @@ async fn backup(Admin(_): Admin, State(state): State<AppState>) -> ApiResult<Res
     tokio::task::spawn_blocking(move || {
         let out = std::io::BufWriter::with_capacity(BACKUP_PIECE, ChannelWriter(pieces.clone()));
         if let Err(error) = super::backup::write(&store, snapshot, created_ms, out) {
-            tracing::error!(error = %format!("{error:#}"), "backup failed");
+            // Most often the client went away; either way the client sees the stream fail.
+            tracing::warn!(error = %format!("{error:#}"), "backup not completed");
             let _ = pieces.blocking_send(Err(std::io::Error::other(format!("{error:#}"))));
         }
     });
