@@ -118,10 +118,15 @@ impl AgentRecord {
             // The same birth again (retained copy after a resubscribe).
             PresenceChange::Stale
         };
+        // A birth says what the agent was at the start of its session. The same one again is
+        // the broker's retained copy, older than the heartbeats and events since: what the
+        // agent serves now must not fall back to what it served when it connected.
+        if birth.session > self.session || self.capabilities.is_none() {
+            self.labels = birth.labels.clone();
+            self.capabilities = Some(birth.capabilities.clone());
+            self.active = birth.active.clone();
+        }
         self.session = birth.session;
-        self.labels = birth.labels.clone();
-        self.capabilities = Some(birth.capabilities.clone());
-        self.active = birth.active.clone();
         self.last_seen_ms = now_ms;
         if change != PresenceChange::Stale {
             self.online = true;
@@ -249,6 +254,27 @@ mod tests {
         assert!(!agent.online);
         assert_eq!(agent.on_birth(&birth(3), 6), PresenceChange::CameOnline);
         assert_eq!(agent.labels["site"], "a");
+    }
+
+    #[test]
+    fn the_retained_copy_of_a_birth_does_not_undo_what_came_after_it() {
+        let mut agent = AgentRecord::new("a", 0);
+        agent.on_birth(&birth(1), 1);
+        let active = ActiveModel {
+            name: "m".into(),
+            version: "1.0.0".into(),
+            digest: flotilla_shared::Sha256Digest::of(b"m"),
+            backend: flotilla_shared::manifest::Backend::Tract,
+            provider: "cpu".into(),
+        };
+        agent.active = Some(active.clone());
+        // The server resubscribes (say, after a restart) and gets the session's birth again,
+        // which says the agent served nothing when it connected.
+        assert_eq!(agent.on_birth(&birth(1), 5), PresenceChange::Stale);
+        assert_eq!(agent.active, Some(active));
+        // A new session's birth is the agent's word on what it serves.
+        assert_eq!(agent.on_birth(&birth(2), 6), PresenceChange::Reconnected);
+        assert_eq!(agent.active, None);
     }
 
     #[test]
