@@ -1,7 +1,8 @@
 //! The real control plane (embedded rumqttd, sled, REST API) with real agents in-process:
 //! staged rollouts that complete and that roll back, restart resumption on an external
 //! broker, auth, bad input, malformed MQTT traffic, bundles leaving memory when no longer
-//! downloaded, and a backup restored onto a new server.
+//! downloaded, a backup restored onto a new server, and new agents joining at their peers'
+//! release.
 
 use std::time::{Duration, Instant};
 
@@ -744,6 +745,85 @@ async fn a_bundle_leaves_memory_once_nobody_downloads_it_and_is_served_again_aft
     let again = tokio::time::timeout(Duration::from_secs(10), headers.recv()).await;
     assert_eq!(again.expect("answered").unwrap(), ChunkPart::Header);
     assert_eq!(held(&metrics_text(&fleet).await), (1, size));
+    fleet.shutdown().await;
+}
+
+/// One wave of 100 % and no bake, for `selector`.
+fn rollout_spec(version: &str, selector: &str, bake_secs: u64) -> Value {
+    json!({
+        "bundle": format!("{MODEL}@{version}"),
+        "selector": selector,
+        "waves": [{ "size": { "percent": 100 }, "bake_secs": bake_secs }],
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_agent_joins_at_the_release_completed_for_agents_like_it() {
+    let (mut fleet, _) = fleet_on_v1().await;
+    fleet.upload(release("2.0.0", 2, &fleet)).await;
+    let v2 = fleet.rollout(rollout_spec("2.0.0", "site=a", 0)).await;
+    fleet.wait_rollout(&v2, |r| r["state"] == "completed").await;
+
+    // Replacement devices: one at each site, after the rollouts that reached their peers.
+    fleet.start_agent("edge-a3", &[("site", "a"), ("hw", "cpu")]);
+    fleet.start_agent("edge-b3", &[("site", "b"), ("hw", "cpu")]);
+    fleet.wait_version("edge-a3", "2.0.0").await;
+    fleet.wait_version("edge-b3", "1.0.0").await;
+    let (_, page) = fleet
+        .get("/events?kind=agent_assigned&limit=10", Some(VIEWER_TOKEN))
+        .await;
+    let mut assigned: Vec<(&str, &str)> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["agent"].as_str().unwrap(),
+                e["detail"]["from_rollout"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assigned.sort_unstable();
+    assert_eq!(
+        assigned,
+        [
+            ("edge-a3", v2.as_str()),
+            ("edge-b3", "tiny-bert-embed-1.0.0-1")
+        ]
+    );
+
+    // One joining while a rollout that would reach it runs waits for the rollout's outcome,
+    // then joins at what it left: v1 again here, as it is aborted before completing.
+    fleet.upload(release("3.0.0", 3, &fleet)).await;
+    let v3 = fleet.rollout(rollout_spec("3.0.0", "site=b", 3600)).await;
+    fleet
+        .wait_rollout(&v3, |r| r["status"]["stage"] == "baking")
+        .await;
+    fleet.start_agent("edge-b4", &[("site", "b"), ("hw", "gpu")]);
+    fleet.wait_online(&["edge-b4"]).await;
+    let (_, waiting) = fleet.get("/agents/edge-b4", Some(VIEWER_TOKEN)).await;
+    assert!(waiting["desired"].is_null(), "{waiting:#}");
+    let (status, body) = fleet
+        .post(
+            &format!("/rollouts/{v3}/abort"),
+            b"{}".to_vec(),
+            Some(OPERATOR_TOKEN),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    fleet.wait_version("edge-b4", "1.0.0").await;
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_assignment_off_a_new_agent_waits_for_a_rollout() {
+    let fleet = Fleet::start_with(|config| config.assign_new_agents = false).await;
+    let (mut fleet, _) = on_v1(fleet).await;
+    fleet.start_agent("edge-c1", &[("site", "c"), ("hw", "cpu")]);
+    fleet.wait_online(&["edge-c1"]).await;
+    let (_, record) = fleet.get("/agents/edge-c1", Some(VIEWER_TOKEN)).await;
+    assert!(record["desired"].is_null(), "{record:#}");
+    assert!(record["active"].is_null(), "{record:#}");
     fleet.shutdown().await;
 }
 

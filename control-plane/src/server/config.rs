@@ -54,6 +54,12 @@ pub struct ServerConfig {
     /// for this many seconds; later requests read it from the store again. Default 300.
     #[serde(default = "default_bundle_hold_secs")]
     pub bundle_hold_secs: u64,
+    /// Give an agent that has never had a desired state the bundle of the last completed
+    /// rollout whose selector matches it, so a new or replaced device serves what its peers
+    /// serve. Default true; false leaves such agents without a model until a rollout names
+    /// them.
+    #[serde(default = "default_true")]
+    pub assign_new_agents: bool,
 }
 
 /// How the server reaches MQTT.
@@ -178,6 +184,7 @@ impl Default for ServerConfig {
             max_upload_bytes: default_max_upload_bytes(),
             agent_timeout_secs: default_agent_timeout_secs(),
             bundle_hold_secs: default_bundle_hold_secs(),
+            assign_new_agents: true,
         }
     }
 }
@@ -276,6 +283,9 @@ fn default_max_upload_bytes() -> u64 {
 }
 fn default_agent_timeout_secs() -> u64 {
     35
+}
+fn default_true() -> bool {
+    true
 }
 fn default_bundle_hold_secs() -> u64 {
     crate::distribution::DEFAULT_HOLD.as_secs()

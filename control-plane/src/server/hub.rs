@@ -20,8 +20,8 @@ use tokio::sync::mpsc;
 use super::registry::{AgentRecord, PresenceChange, Sequence};
 use super::store::{BundleRecord, EventRecord, Store};
 use crate::rollout::{
-    check_overlap, Action, BundleRef, Rollout, RolloutError, RolloutEvent, RolloutSpec, Selector,
-    Target,
+    check_overlap, Action, BundleRef, Rollout, RolloutError, RolloutEvent, RolloutSpec,
+    RolloutState, Selector, Target,
 };
 
 /// The sender name the server puts in its envelopes.
@@ -86,6 +86,7 @@ pub struct Hub {
     publishers: Vec<flotilla_shared::PublicKey>,
     threshold: usize,
     agent_timeout_ms: u64,
+    assign_new_agents: bool,
     agents: BTreeMap<String, AgentRecord>,
     bundles: BTreeMap<Sha256Digest, BundleRecord>,
     desired: BTreeMap<String, DesiredState>,
@@ -116,6 +117,9 @@ pub struct HubSettings {
     pub threshold: usize,
     /// Silence after which an agent counts as offline, milliseconds.
     pub agent_timeout_ms: u64,
+    /// Whether agents with no desired state are given the fleet's current release (see
+    /// [`Hub::release_for`]).
+    pub assign_new_agents: bool,
 }
 
 impl Hub {
@@ -152,6 +156,7 @@ impl Hub {
             publishers: settings.publishers,
             threshold: settings.threshold,
             agent_timeout_ms: settings.agent_timeout_ms,
+            assign_new_agents: settings.assign_new_agents,
             agents,
             bundles,
             desired,
@@ -266,6 +271,68 @@ impl Hub {
                 .rollout_mut(&id)
                 .on_presence(&record.id, online, now_ms);
             self.carry_out(&id, actions, now_ms)?;
+        }
+        if online {
+            self.assign_newcomers(Some(&record.id), now_ms)?;
+        }
+        Ok(())
+    }
+
+    /// The release an agent with `labels` joins the fleet at: the bundle of the rollout,
+    /// among the completed ones whose selector matches it, that completed last.
+    pub fn release_for(&self, labels: &BTreeMap<String, String>) -> Option<&Rollout> {
+        self.rollouts
+            .values()
+            .filter_map(|r| match r.state() {
+                RolloutState::Completed { at_ms } => Some((*at_ms, r)),
+                _ => None,
+            })
+            .filter(|(_, r)| r.spec().selector.matches(labels))
+            .max_by(|(a, r), (b, q)| a.cmp(b).then_with(|| r.id().cmp(q.id())))
+            .map(|(_, r)| r)
+    }
+
+    /// Gives online agents that have never had a desired state (`only` that one, if given)
+    /// the fleet's current release for their labels, so a new or replaced device serves what
+    /// its peers serve without waiting for the next rollout. An agent an active rollout's
+    /// selector matches waits for that rollout to finish, then joins at whatever it left.
+    fn assign_newcomers(&mut self, only: Option<&str>, now_ms: u64) -> Result<()> {
+        if !self.assign_new_agents {
+            return Ok(());
+        }
+        let waiting = |labels: &BTreeMap<String, String>| {
+            self.rollouts
+                .values()
+                .any(|r| r.is_active() && r.spec().selector.matches(labels))
+        };
+        let newcomers: Vec<(String, String, DesiredBundle)> = self
+            .agents
+            .values()
+            .filter(|a| only.is_none_or(|id| id == a.id))
+            .filter(|a| a.online && !self.desired.contains_key(&a.id) && !waiting(&a.labels))
+            .filter_map(|a| {
+                let release = self.release_for(&a.labels)?;
+                Some((
+                    a.id.clone(),
+                    release.id().to_owned(),
+                    release.bundle().clone(),
+                ))
+            })
+            .collect();
+        for (agent, rollout, bundle) in newcomers {
+            self.log(
+                Some(&agent),
+                None,
+                "agent_assigned",
+                format!(
+                    "{agent} has no desired state; given {}@{}, the release rollout {rollout} \
+                     completed for agents like it",
+                    bundle.name, bundle.version
+                ),
+                serde_json::json!({ "bundle": bundle, "from_rollout": rollout }),
+                now_ms,
+            )?;
+            self.set_desired(&agent, Some(bundle), None, now_ms)?;
         }
         Ok(())
     }
@@ -650,7 +717,12 @@ impl Hub {
                 Action::Log(event) => self.log_rollout_event(id, &event, now_ms)?,
             }
         }
-        self.store.put_rollout(&self.rollouts[id])
+        self.store.put_rollout(&self.rollouts[id])?;
+        if !self.rollouts[id].is_active() {
+            // It just finished: agents that were waiting for it join now.
+            self.assign_newcomers(None, now_ms)?;
+        }
+        Ok(())
     }
 
     fn log_rollout_event(&mut self, id: &str, event: &RolloutEvent, now_ms: u64) -> Result<()> {

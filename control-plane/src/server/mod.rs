@@ -151,6 +151,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
             publishers,
             threshold: config.trust.threshold,
             agent_timeout_ms: config.agent_timeout().as_millis() as u64,
+            assign_new_agents: config.assign_new_agents,
         },
         out_tx,
         unix_ms(),
