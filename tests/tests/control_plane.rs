@@ -799,6 +799,35 @@ async fn a_new_agent_joins_at_the_release_completed_for_agents_like_it() {
     fleet
         .wait_rollout(&v3, |r| r["status"]["stage"] == "baking")
         .await;
+    // Lists narrow to what is active, or to the newest.
+    let ids = |list: &Value| -> Vec<String> {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (_, all) = fleet.get("/rollouts", Some(VIEWER_TOKEN)).await;
+    assert_eq!(ids(&all).len(), 3);
+    let (_, active) = fleet.get("/rollouts?active=true", Some(VIEWER_TOKEN)).await;
+    assert_eq!(ids(&active), std::slice::from_ref(&v3));
+    let (_, newest) = fleet.get("/rollouts?limit=2", Some(VIEWER_TOKEN)).await;
+    assert_eq!(ids(&newest), [v3.clone(), v2.clone()]);
+    let (status, body) = fleet.get("/rollouts?limit=0", Some(VIEWER_TOKEN)).await;
+    assert_eq!(status, 400, "{body}");
+    let api = format!("http://{}", fleet.server().api_addr);
+    let (ok, table, stderr) = flotilla(&[
+        "rollout".as_ref(),
+        "list".as_ref(),
+        "--active".as_ref(),
+        "--server".as_ref(),
+        api.as_ref(),
+        "--token".as_ref(),
+        VIEWER_TOKEN.as_ref(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(table.contains(&v3) && !table.contains(&v2), "{table}");
+
     fleet.start_agent("edge-b4", &[("site", "b"), ("hw", "gpu")]);
     fleet.wait_online(&["edge-b4"]).await;
     let (_, waiting) = fleet.get("/agents/edge-b4", Some(VIEWER_TOKEN)).await;

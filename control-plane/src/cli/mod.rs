@@ -187,6 +187,13 @@ pub enum RolloutCommand {
     Start(Box<StartArgs>),
     /// List rollouts, newest first.
     List {
+        /// Only rollouts that still hold their agents (pending, running, paused, rolling
+        /// back).
+        #[arg(long)]
+        active: bool,
+        /// At most this many, the newest.
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
         /// Print the API's JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -324,7 +331,12 @@ fn run_rollout(command: RolloutCommand) -> Result<()> {
     use remote::rollouts::{self, Steer};
     let (steer, args) = match command {
         RolloutCommand::Start(args) => return rollouts::start(&args),
-        RolloutCommand::List { json, remote } => return rollouts::list(&remote, json),
+        RolloutCommand::List {
+            active,
+            limit,
+            json,
+            remote,
+        } => return rollouts::list(active, limit, &remote, json),
         RolloutCommand::Status { id, json, remote } => return rollouts::status(&id, &remote, json),
         RolloutCommand::Pause(args) => (Steer::Pause, args),
         RolloutCommand::Resume(args) => (Steer::Resume, args),

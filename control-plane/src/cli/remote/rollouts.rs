@@ -251,9 +251,21 @@ pub(in crate::cli) fn start(args: &StartArgs) -> Result<()> {
 }
 
 /// Lists rollouts, newest first.
-pub(in crate::cli) fn list(remote: &RemoteArgs, as_json: bool) -> Result<()> {
+pub(in crate::cli) fn list(
+    active: bool,
+    limit: Option<usize>,
+    remote: &RemoteArgs,
+    as_json: bool,
+) -> Result<()> {
     let client = Client::new(remote)?;
-    let answer = client.get(&["api", "v1", "rollouts"], &[])?;
+    let mut query = Vec::new();
+    if active {
+        query.push(("active", "true".to_owned()));
+    }
+    if let Some(limit) = limit {
+        query.push(("limit", limit.to_string()));
+    }
+    let answer = client.get(&["api", "v1", "rollouts"], &query)?;
     if as_json {
         return print_json(&answer.json);
     }

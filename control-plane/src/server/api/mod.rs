@@ -376,16 +376,35 @@ async fn get_bundle(
 
 // ---- rollouts --------------------------------------------------------------------------
 
-/// Rollouts, newest first.
-#[utoipa::path(get, path = "/api/v1/rollouts", tag = "rollouts", security(("bearer" = [])),
-    responses((status = 200, body = Vec<RolloutView>)))]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct RolloutQuery {
+    /// Only rollouts that still hold their agents (pending, running, paused, rolling back).
+    active: Option<bool>,
+    /// At most this many, the newest; default all.
+    limit: Option<usize>,
+}
+
+/// Rollouts, newest first; every one in full unless `active` or `limit` narrow them.
+#[utoipa::path(get, path = "/api/v1/rollouts", tag = "rollouts", params(RolloutQuery),
+    security(("bearer" = [])), responses((status = 200, body = Vec<RolloutView>),
+        (status = 400, body = ErrorBody)))]
 async fn list_rollouts(
     Viewer(_): Viewer,
     State(state): State<AppState>,
+    Query(query): Query<RolloutQuery>,
 ) -> ApiResult<Json<Vec<RolloutView>>> {
+    if query.limit == Some(0) {
+        return Err(ApiError::bad_request("limit must be at least 1"));
+    }
     let hub = state.hub();
     Ok(Json(
-        hub.rollouts().into_iter().map(RolloutView::new).collect(),
+        hub.rollouts()
+            .into_iter()
+            .filter(|r| query.active != Some(true) || r.is_active())
+            .take(query.limit.unwrap_or(usize::MAX))
+            .map(RolloutView::new)
+            .collect(),
     ))
 }
 
