@@ -921,6 +921,27 @@ async fn a_backup_restored_onto_a_new_server_carries_the_fleet_on() {
     let (ok, stdout, stderr) = backup(ADMIN_TOKEN);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("backed up 4 agents, 2 bundles"), "{stdout}");
+    let (ok, stdout, stderr) = flotilla(&[
+        "server".as_ref(),
+        "restore".as_ref(),
+        file.as_os_str(),
+        "--check".as_ref(),
+    ]);
+    assert!(
+        ok && stdout.contains("is a whole backup"),
+        "{stdout}{stderr}"
+    );
+    let cut = fleet.dir.path().join("cut.backup");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() - 1]).unwrap();
+    let (ok, _, stderr) = flotilla(&[
+        "server".as_ref(),
+        "restore".as_ref(),
+        cut.as_os_str(),
+        "--check".as_ref(),
+    ]);
+    assert!(!ok && stderr.contains("does not check out"), "{stderr}");
+
     // Nothing changes by itself once every agent is on v1 and idle, so this is the state the
     // backup holds.
     let before = state_of(&fleet).await;

@@ -93,13 +93,16 @@ pub enum ServerCommand {
         role: crate::server::config::Role,
     },
     /// Restore a backup made by `flotilla backup` into a data directory that holds no
-    /// database yet; then start the server on it.
+    /// database yet; then start the server on it. With --check, only check the file.
     Restore {
         /// The backup file.
         file: PathBuf,
         /// The new data directory.
-        #[arg(long)]
-        data_dir: PathBuf,
+        #[arg(long, required_unless_present = "check")]
+        data_dir: Option<PathBuf>,
+        /// Check the whole file and say what it holds; write nothing.
+        #[arg(long, conflicts_with = "data_dir")]
+        check: bool,
     },
 }
 
@@ -317,9 +320,17 @@ pub fn run(cli: Cli) -> Result<()> {
             ..
         } => server::token(&name, role),
         Command::Server {
-            command: Some(ServerCommand::Restore { file, data_dir }),
+            command:
+                Some(ServerCommand::Restore {
+                    file,
+                    data_dir,
+                    check,
+                }),
             ..
-        } => server::restore(&file, &data_dir),
+        } => match data_dir {
+            Some(data_dir) if !check => server::restore(&file, &data_dir),
+            _ => server::check_backup(&file),
+        },
         Command::Server {
             command: None,
             args,

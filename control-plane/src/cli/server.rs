@@ -204,6 +204,23 @@ pub fn restore(file: &Path, data_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Checks a backup file whole and says what it holds.
+pub fn check_backup(file: &Path) -> Result<()> {
+    let input = std::fs::File::open(file)
+        .with_context(|| format!("cannot open backup {}", file.display()))?;
+    let summary = crate::server::backup::read(std::io::BufReader::new(input), |_| Ok(()))
+        .with_context(|| format!("{} does not check out", file.display()))?;
+    println!(
+        "{} is a whole backup (taken by flotilla {} at {}): {summary}",
+        file.display(),
+        summary.server_version,
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(summary.created_ms)
+        )
+    );
+    Ok(())
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
