@@ -1,5 +1,6 @@
 //! The README's main command, `flotilla demo --exit`, run for real: a control plane, agent
-//! processes, four releases and four rollouts must go exactly as the script says.
+//! processes, four releases and four rollouts must go exactly as the script says, and a
+//! device joining afterwards must serve the release its peers were given.
 
 use std::process::Command;
 
@@ -33,7 +34,8 @@ fn the_demo_runs_its_script_to_the_expected_outcomes() {
         "(over 1 reachable agent)",
         "gate p99_ratio",
         "paired requests)",
-        "agents serve (asked on their own APIs): tiny-bert-embed@2.0.0 ×4",
+        "✓ edge-lyon-new",
+        "agents serve (asked on their own APIs): tiny-bert-embed@2.0.0 ×5",
     ] {
         assert!(stdout.contains(expected), "no {expected:?} in:\n{stdout}");
     }

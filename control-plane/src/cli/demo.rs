@@ -111,6 +111,10 @@ const RELEASES: [Release; 4] = [
     },
 ];
 
+/// The release a device joining after the scripted rollouts is given: the last one that
+/// completed.
+const NEWCOMER_JOINS_AT: &str = "2.0.0";
+
 /// What a scripted rollout is expected to end as.
 struct Step {
     title: &'static str,
@@ -292,6 +296,26 @@ async fn demo(args: &DemoArgs) -> Result<()> {
         outcomes.push((step, id, state, done));
     }
 
+    // A replacement device: no rollout names it, yet it serves what its peers were given.
+    println!();
+    println!(
+        "  ({}) a replacement device joins after the rollouts",
+        outcomes.len() + 1
+    );
+    let newcomer = format!("edge-{}-new", SITES[0]);
+    fleet.start(
+        &agent_bin,
+        &newcomer,
+        &[("site", SITES[0]), ("hw", HARDWARE[0])],
+        &root,
+        &config,
+        &publisher.public,
+    )?;
+    let joined = api.wait_serving(&newcomer).await?;
+    println!(
+        "      → {newcomer} serves {MODEL}@{joined}, the release completed for agents like it"
+    );
+
     println!();
     println!("Summary ({:.0} s)", started.elapsed().as_secs_f64());
     let mut as_expected = true;
@@ -307,6 +331,12 @@ async fn demo(args: &DemoArgs) -> Result<()> {
             step.expect
         );
     }
+    let joined_as_expected = joined == NEWCOMER_JOINS_AT;
+    as_expected &= joined_as_expected;
+    println!(
+        "  {} {newcomer:<28} joined at {MODEL}@{joined:<6}   (expected {NEWCOMER_JOINS_AT})",
+        if joined_as_expected { "✓" } else { "✗" },
+    );
     let agents = api.get("/agents").await?;
     let mut serving = std::collections::BTreeMap::<String, usize>::new();
     for agent in agents.as_array().into_iter().flatten() {
@@ -668,6 +698,25 @@ impl Api {
             .await?;
         let body = answer(response).await?;
         Ok(body["id"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// Waits until `agent` reports serving a model; returns its version.
+    async fn wait_serving(&self, agent: &str) -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let record = self.get(&format!("/agents/{agent}")).await.ok();
+            let version = record
+                .as_ref()
+                .and_then(|r| r["active"]["version"].as_str())
+                .map(str::to_owned);
+            if let Some(version) = version {
+                return Ok(version);
+            }
+            if Instant::now() > deadline {
+                bail!("{agent} served nothing after 60 s (log: agents/{agent}/agent.log)");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     async fn wait_online(&self, agents: usize) -> Result<()> {
