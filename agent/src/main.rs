@@ -68,8 +68,8 @@ struct ServeArgs {
     /// Bundle file to serve.
     #[arg(long)]
     bundle: PathBuf,
-    /// Agent configuration file whose [api], [inference] and [trust] publishers apply (the
-    /// rest is ignored: serving needs no broker and keeps nothing).
+    /// Agent configuration file whose [api], [inference], trust.publishers and
+    /// trust.threshold apply (the rest is ignored: serving needs no broker and keeps nothing).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Trusted publisher key file, repeatable (added to the file's; at least one in all).
