@@ -222,10 +222,7 @@ impl Store {
 
     /// A bundle's bytes.
     pub fn bundle_bytes(&self, digest: &Sha256Digest) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .payloads
-            .get(digest.to_hex().as_bytes())?
-            .map(|v| v.to_vec()))
+        self.payload(digest.to_hex().as_bytes())
     }
 
     /// Every agent's latest desired state.

@@ -592,10 +592,14 @@ async fn whoami(caller: Caller, State(state): State<AppState>) -> Json<WhoAmI> {
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
         (status = 403, body = ErrorBody)))]
 async fn backup(Admin(_): Admin, State(state): State<AppState>) -> ApiResult<Response> {
-    let snapshot = {
-        let _writes = state.hub();
-        state.store.snapshot()?
-    };
+    // Reading every record is blocking I/O: off the async workers, under the hub's lock.
+    let (hub, store) = (state.hub.clone(), state.store.clone());
+    let snapshot = tokio::task::spawn_blocking(move || {
+        let _writes = hub.lock().expect("invariant: hub lock never poisoned");
+        store.snapshot()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("the backup snapshot failed: {e}"))??;
     let created_ms = unix_ms();
     let store = state.store.clone();
     // The file is written on a blocking thread into a small channel, so a slow reader holds
