@@ -856,9 +856,12 @@ async fn with_assignment_off_a_new_agent_waits_for_a_rollout() {
     fleet.shutdown().await;
 }
 
-/// Runs the `flotilla` binary; returns whether it succeeded, stdout and stderr.
+/// Runs the `flotilla` binary (built once per test run); returns whether it succeeded, stdout
+/// and stderr.
 fn flotilla(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
-    let out = std::process::Command::new(flotilla_tests::binary("flotilla"))
+    static BINARY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let binary = BINARY.get_or_init(|| flotilla_tests::binary("flotilla"));
+    let out = std::process::Command::new(binary)
         .args(args)
         .output()
         .expect("flotilla runs");
