@@ -139,6 +139,25 @@ impl PublicKey {
     }
 }
 
+/// CBOR: the 32 raw bytes. Decoding refuses invalid and weak points, as
+/// [`PublicKey::from_bytes`] does.
+impl Serialize for PublicKey {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.to_bytes())
+    }
+}
+
+impl<'de> Deserialize<'de> for PublicKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let bytes = serde_bytes::ByteBuf::deserialize(deserializer)?;
+        let array: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| serde::de::Error::invalid_length(bytes.len(), &"32 bytes"))?;
+        Self::from_bytes(&array).map_err(serde::de::Error::custom)
+    }
+}
+
 impl fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "PublicKey({})", self.id())
@@ -173,6 +192,17 @@ mod tests {
         assert!(PublicKey::from_pem(&secret.to_pem().unwrap()).is_err());
         assert!(SecretKey::from_pem(&secret.public().to_pem().unwrap()).is_err());
         assert!(PublicKey::from_pem("garbage").is_err());
+    }
+
+    #[test]
+    fn public_keys_travel_as_raw_bytes_and_weak_ones_do_not_decode() {
+        let public = SecretKey::from_seed([3; 32]).public();
+        let cbor = serde_cbor::to_vec(&public).unwrap();
+        assert_eq!(serde_cbor::from_slice::<PublicKey>(&cbor).unwrap(), public);
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let weak = serde_cbor::to_vec(&serde_bytes::Bytes::new(&identity)).unwrap();
+        assert!(serde_cbor::from_slice::<PublicKey>(&weak).is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod bundle;
 pub mod digest;
 pub mod keys;
+pub mod keyset;
 pub mod manifest;
 pub mod tensor;
 pub mod verify;
@@ -15,5 +16,6 @@ pub mod wire;
 pub use bundle::{Bundle, BundleBuilder, BundleError};
 pub use digest::Sha256Digest;
 pub use keys::{KeyError, KeyId, PublicKey, SecretKey};
+pub use keyset::{KeySet, KeySetError, SignedKeySet, TrustedKeys};
 pub use manifest::Manifest;
 pub use verify::{HostProfile, VerifiedBundle, Verifier, VerifyError};

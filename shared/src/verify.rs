@@ -350,34 +350,25 @@ impl Verifier {
             return Err(VerifyError::Unsigned { digest: *digest });
         }
 
-        let mut valid = BTreeSet::new();
-        let mut unknown = Vec::new();
-        let mut repeated = 0;
-        for sig in signatures {
-            let Some(key) = self.trusted.get(&sig.key_id) else {
-                unknown.push(sig.key_id.to_string());
-                continue;
-            };
-            let verifies = <&[u8; 64]>::try_from(sig.signature.as_slice())
-                .is_ok_and(|bytes| key.verify_strict(manifest_bytes, bytes));
-            if !verifies {
-                return Err(VerifyError::SignatureInvalid {
-                    digest: *digest,
-                    key_id: sig.key_id,
-                });
+        let Signers {
+            valid,
+            unknown,
+            repeated,
+        } = signers(&self.trusted, manifest_bytes, signatures).map_err(|key_id| {
+            VerifyError::SignatureInvalid {
+                digest: *digest,
+                key_id,
             }
-            if !valid.insert(sig.key_id) {
-                repeated += 1;
-            }
-        }
+        })?;
 
         if valid.len() >= self.threshold {
             return Ok(valid.into_iter().collect());
         }
         if valid.is_empty() && repeated == 0 && !unknown.is_empty() {
+            let key_ids: Vec<String> = unknown.iter().map(KeyId::to_string).collect();
             return Err(VerifyError::UnknownKey {
                 digest: *digest,
-                key_ids: unknown.join(", "),
+                key_ids: key_ids.join(", "),
             });
         }
         Err(VerifyError::ThresholdNotMet {
@@ -387,6 +378,43 @@ impl Verifier {
             repeated,
         })
     }
+}
+
+/// Whose signatures over a message count, as [`signers`] finds them.
+#[derive(Debug, Default)]
+pub(crate) struct Signers {
+    /// Distinct trusted keys whose signature verified.
+    pub valid: BTreeSet<KeyId>,
+    /// Keys that signed but are not trusted.
+    pub unknown: Vec<KeyId>,
+    /// Further signatures by keys already counted.
+    pub repeated: usize,
+}
+
+/// Checks each signature by a trusted key strictly over `message`. Signatures by other keys
+/// are listed, not checked; a trusted key's signature that does not verify is an error naming
+/// the key, since it means the message or the signature was altered.
+pub(crate) fn signers(
+    trusted: &HashMap<KeyId, PublicKey>,
+    message: &[u8],
+    signatures: &[crate::bundle::Signature],
+) -> Result<Signers, KeyId> {
+    let mut found = Signers::default();
+    for sig in signatures {
+        let Some(key) = trusted.get(&sig.key_id) else {
+            found.unknown.push(sig.key_id);
+            continue;
+        };
+        let verifies = <&[u8; 64]>::try_from(sig.signature.as_slice())
+            .is_ok_and(|bytes| key.verify_strict(message, bytes));
+        if !verifies {
+            return Err(sig.key_id);
+        }
+        if !found.valid.insert(sig.key_id) {
+            found.repeated += 1;
+        }
+    }
+    Ok(found)
 }
 
 /// Format rules every manifest must satisfy, independent of host and time.
