@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use flotilla_shared::wire::{
     topics, Birth, Chunk, ChunkRequest, DesiredBundle, DesiredState, Envelope, Event, EventKind,
-    Health, Heartbeat, Presence, SignedDesiredState, Telemetry,
+    Health, Heartbeat, Presence, SignedDesiredState, Telemetry, TrustChain,
 };
 use flotilla_shared::{PublicKey, Sha256Digest};
 use tokio::sync::mpsc;
@@ -61,6 +61,7 @@ pub fn load_trust(config: &AgentConfig) -> Result<Trust> {
         publishers,
         threshold: config.trust.threshold,
         control_plane,
+        key_set: config.trust.key_set,
     })
 }
 
@@ -75,6 +76,9 @@ struct Shared {
     started: Instant,
     /// The served model's degradation, each cause reported once in an event.
     degradation: DegradationWatch,
+    /// Why the trust chain last stopped short, so a retained chain delivered again on every
+    /// reconnect is reported once.
+    trust_refusal: std::sync::Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -148,6 +152,8 @@ pub async fn run(
     let store = Store::open(&config.data_dir)?;
     let installer = Installer::new(store.clone(), trust, config.inference.backends.clone())
         .with_placement(config.inference.placement());
+    // Before the model is restored: its bundle is checked against the keys trusted now.
+    installer.restore_key_sets()?;
     let slot = Arc::new(ModelSlot::new(config.inference.max_concurrency));
     let metrics = Arc::new(Metrics::new());
 
@@ -178,6 +184,7 @@ pub async fn run(
         link,
         started: Instant::now(),
         degradation: DegradationWatch::default(),
+        trust_refusal: std::sync::Mutex::default(),
     });
     shared.event(
         None,
@@ -257,7 +264,7 @@ fn start_link(
     });
 
     let mut link_config = LinkConfig::new(id.clone(), config.broker.clone(), birth, will);
-    link_config.subscriptions = vec![topics::agent_desired(&id)];
+    link_config.subscriptions = vec![topics::agent_desired(&id), topics::trust()];
     let (handle, incoming) = Link::start(link_config, store.tree("session")?)?;
     Ok((incoming, handle))
 }
@@ -331,6 +338,7 @@ fn send_heartbeat(shared: &Shared, sampler: &mut ProcessSampler) {
         host: sampler.sample(),
         models: shared.metrics.version_snapshots(),
         dropped_telemetry: shared.outbox.dropped(),
+        key_set: shared.installer.trust().key_set,
     };
     if let Err(e) = shared.outbox.push(Telemetry::Heartbeat(heartbeat)) {
         warn!(error = %e, "cannot queue heartbeat");
@@ -340,6 +348,12 @@ fn send_heartbeat(shared: &Shared, sampler: &mut ProcessSampler) {
 fn handle_incoming(shared: &Arc<Shared>, install: &mut Option<Install>, message: Incoming) {
     if message.topic == topics::agent_desired(&shared.config.id) {
         handle_desired(shared, install, &message.payload);
+        return;
+    }
+    if message.topic == topics::trust() {
+        let shared = shared.clone();
+        // Keeping a key set flushes the store, and checking the served bundle reads it.
+        tokio::task::spawn_blocking(move || handle_trust(&shared, &message.payload));
         return;
     }
     let Some(current) = install.as_ref() else {
@@ -355,12 +369,67 @@ fn handle_incoming(shared: &Arc<Shared>, install: &mut Option<Install>, message:
     }
 }
 
+/// Follows the control plane's retained chain of key sets: each set that follows the trusted
+/// one is applied and reported; a chain that stops short is reported once per reason.
+fn handle_trust(shared: &Shared, payload: &[u8]) {
+    let chain = match Envelope::<TrustChain>::decode(payload) {
+        Ok(envelope) => envelope.body.key_sets,
+        Err(e) => return refuse_trust(shared, format!("malformed trust chain: {e}")),
+    };
+    let followed = match shared.installer.follow_key_sets(&chain) {
+        Ok(followed) => followed,
+        Err(e) => return refuse_trust(shared, format!("{e:#}")),
+    };
+    let active = shared.slot.current();
+    for accepted in &followed.accepted {
+        let active_trusted = active
+            .as_ref()
+            .is_none_or(|m| shared.installer.kept_is_trusted(&m.digest));
+        if !active_trusted {
+            warn!(
+                key_set = accepted.keys.version(),
+                "the bundle being served is not signed by the new keys: it keeps serving, but a restart will not load it"
+            );
+        }
+        let kind = EventKind::KeySetApplied {
+            version: accepted.keys.version(),
+            publishers: accepted.keys.publishers().iter().map(|k| k.id()).collect(),
+            threshold: u32::try_from(accepted.keys.threshold()).unwrap_or(u32::MAX),
+            reset_floors: accepted.set.reset_floors.keys().cloned().collect(),
+            active_trusted,
+        };
+        shared.event(None, active.as_ref().map(|m| m.digest), kind);
+    }
+    match followed.refused {
+        Some(e) => refuse_trust(shared, e.to_string()),
+        None => {
+            *shared
+                .trust_refusal
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = None
+        }
+    }
+}
+
+fn refuse_trust(shared: &Shared, reason: String) {
+    let mut last = shared
+        .trust_refusal
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if last.as_deref() == Some(reason.as_str()) {
+        return;
+    }
+    warn!(%reason, "key set not applied");
+    *last = Some(reason.clone());
+    drop(last);
+    shared.event(None, None, EventKind::KeySetRejected { reason });
+}
+
 /// Why a desired state is not applied.
 fn open_desired(shared: &Shared, payload: &[u8]) -> Result<Option<DesiredState>, String> {
     let envelope = Envelope::<SignedDesiredState>::decode(payload).map_err(|e| e.to_string())?;
-    let key = shared
-        .installer
-        .trust()
+    let trust = shared.installer.trust();
+    let key = trust
         .control_plane
         .as_ref()
         .ok_or("no control-plane key is configured")?;

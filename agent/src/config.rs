@@ -82,6 +82,11 @@ pub struct TrustConfig {
     /// The control plane's public key, which must sign every desired state. Default: none
     /// (desired states are all refused).
     pub control_plane: Option<PathBuf>,
+    /// Which key set `publishers` and `threshold` are. Default 1: the fleet's first keys.
+    /// A device set up after a rotation lists the current keys and their version, and then
+    /// follows only the key sets after it.
+    #[serde(default = "default_key_set")]
+    pub key_set: u64,
 }
 
 /// `[api]`.
@@ -192,6 +197,9 @@ fn default_keep_alive() -> u64 {
 fn default_threshold() -> usize {
     1
 }
+fn default_key_set() -> u64 {
+    1
+}
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8000))
 }
@@ -251,6 +259,7 @@ impl Default for TrustConfig {
             publishers: Vec::new(),
             threshold: default_threshold(),
             control_plane: None,
+            key_set: default_key_set(),
         }
     }
 }
@@ -341,6 +350,9 @@ impl AgentConfig {
         }
         if self.inference.backends.is_empty() {
             bail!("inference.backends lists no backend");
+        }
+        if self.trust.key_set == 0 {
+            bail!("trust.key_set must be at least 1");
         }
         if !self.trust.publishers.is_empty() && self.trust.threshold > self.trust.publishers.len() {
             bail!(

@@ -10,13 +10,18 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
+use arc_swap::ArcSwap;
 use flotilla_shared::bundle::payload_entries;
+use flotilla_shared::keyset::Followed;
 use flotilla_shared::manifest::{Backend, Manifest};
-use flotilla_shared::{Bundle, HostProfile, PublicKey, Sha256Digest, VerifiedBundle, Verifier};
+use flotilla_shared::{
+    Bundle, HostProfile, KeySetError, PublicKey, Sha256Digest, SignedKeySet, TrustedKeys,
+    VerifiedBundle, Verifier,
+};
 use tracing::{info, warn};
 
 use crate::runtime::{selftest, Model, Placement};
@@ -79,13 +84,25 @@ pub struct Trust {
     pub threshold: usize,
     /// Signer of desired states.
     pub control_plane: Option<PublicKey>,
+    /// Which key set `publishers` and `threshold` are (see [`flotilla_shared::keyset`]).
+    pub key_set: u64,
+}
+
+impl Trust {
+    /// The publisher keys as the key set later ones must follow.
+    pub fn keys(&self) -> Result<TrustedKeys, KeySetError> {
+        TrustedKeys::new(self.key_set, self.publishers.clone(), self.threshold)
+    }
 }
 
 /// Performs installs against one data directory.
 #[derive(Debug, Clone)]
 pub struct Installer {
     store: Store,
-    trust: Arc<Trust>,
+    /// Replaced as key sets are followed; each check loads it once.
+    trust: Arc<ArcSwap<Trust>>,
+    /// Held while key sets are followed, so two chains never apply at once.
+    following: Arc<Mutex<()>>,
     placement: Placement,
 }
 
@@ -120,7 +137,8 @@ impl Installer {
     pub fn new(store: Store, trust: Trust, backends: Vec<Backend>) -> Self {
         Self {
             store,
-            trust: Arc::new(trust),
+            trust: Arc::new(ArcSwap::from_pointee(trust)),
+            following: Arc::new(Mutex::new(())),
             placement: Placement::new(backends),
         }
     }
@@ -136,9 +154,96 @@ impl Installer {
         &self.placement
     }
 
-    /// The trust configuration.
-    pub fn trust(&self) -> &Trust {
-        &self.trust
+    /// The keys trusted now: the configured ones, or the latest key set followed.
+    pub fn trust(&self) -> Arc<Trust> {
+        self.trust.load_full()
+    }
+
+    /// Follows `chain` from the keys trusted now. Each key set that follows is kept in the
+    /// store and its floor resets applied before it is trusted, so a crash never leaves the
+    /// agent trusting keys it would forget. Returns the sets applied and why the chain stopped
+    /// early, if it did.
+    pub fn follow_key_sets(&self, chain: &[SignedKeySet]) -> Result<Followed> {
+        let _following = self.following.lock().unwrap_or_else(|p| p.into_inner());
+        let keys = self
+            .trust()
+            .keys()
+            .context("no publisher keys are configured to check key sets against")?;
+        let followed = keys.follow(chain);
+        for accepted in &followed.accepted {
+            self.store.append_key_set(&accepted.signed)?;
+            self.trust_from(accepted)?;
+            info!(
+                key_set = accepted.keys.version(),
+                publishers = accepted.keys.publishers().len(),
+                threshold = accepted.keys.threshold(),
+                "now trusting a new publisher key set"
+            );
+        }
+        Ok(followed)
+    }
+
+    /// At start: follows the key sets kept in the store from the configured keys, checking each
+    /// again, and finishes floor resets a crash interrupted. Kept sets that no longer follow
+    /// (the configuration names other keys) are ignored, with a warning.
+    pub fn restore_key_sets(&self) -> Result<()> {
+        let _following = self.following.lock().unwrap_or_else(|p| p.into_inner());
+        let chain = self.store.key_sets()?;
+        if chain.is_empty() {
+            return Ok(());
+        }
+        let keys = match self.trust().keys() {
+            Ok(keys) => keys,
+            Err(e) => {
+                warn!(error = %e, "kept key sets ignored: the configured keys are not a key set");
+                return Ok(());
+            }
+        };
+        let followed = keys.follow(&chain);
+        if let Some(e) = &followed.refused {
+            warn!(error = %e, "a kept key set does not follow the configured keys; ignoring it and those after it");
+        }
+        for accepted in &followed.accepted {
+            self.trust_from(accepted)?;
+        }
+        if let Some(last) = followed.accepted.last() {
+            info!(
+                key_set = last.keys.version(),
+                "trusting the kept publisher key set"
+            );
+        }
+        Ok(())
+    }
+
+    /// Applies an accepted set's floor resets (once) and trusts its keys.
+    fn trust_from(&self, accepted: &flotilla_shared::keyset::Accepted) -> Result<()> {
+        if self
+            .store
+            .reset_floors(accepted.set.version, &accepted.set.reset_floors)?
+            && !accepted.set.reset_floors.is_empty()
+        {
+            info!(key_set = accepted.set.version, models = ?accepted.set.reset_floors, "sequence floors reset");
+        }
+        let keys = &accepted.keys;
+        let current = self.trust();
+        self.trust.store(Arc::new(Trust {
+            publishers: keys.publishers().to_vec(),
+            threshold: keys.threshold(),
+            control_plane: current.control_plane,
+            key_set: keys.version(),
+        }));
+        Ok(())
+    }
+
+    /// Whether a kept bundle's signatures meet the keys trusted now (no payload check).
+    pub fn kept_is_trusted(&self, digest: &Sha256Digest) -> bool {
+        self.read_kept(digest)
+            .and_then(|bytes| {
+                self.verifier(0)?
+                    .verify_header(&bytes)
+                    .map_err(|e| InstallError::at(Stage::Verify, e))
+            })
+            .is_ok()
     }
 
     /// The durable state.
@@ -161,7 +266,8 @@ impl Installer {
     }
 
     fn verifier(&self, now: u64) -> Result<Verifier, InstallError> {
-        Verifier::new(&self.trust.publishers, self.trust.threshold, now)
+        let trust = self.trust();
+        Verifier::new(&trust.publishers, trust.threshold, now)
             .map(|v| v.host(self.host()))
             .map_err(|e| InstallError::at(Stage::Verify, e))
     }

@@ -521,6 +521,7 @@ mod tests {
             },
             models: Vec::new(),
             dropped_telemetry: 0,
+            key_set: 1,
         })
     }
 

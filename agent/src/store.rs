@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! DATA_DIR/state/            sled: active/previous bundle, sequence floors, download progress,
-//!                            desired-state generation, session counter, telemetry outbox
+//!                            desired-state generation, accepted key sets, session counter,
+//!                            telemetry outbox
 //! DATA_DIR/bundles/D.fbundle complete, verified bundle files (active, previous, candidate)
 //! DATA_DIR/models/D/         extracted payload files of bundle D, written to a staging folder
 //!                            and renamed into place, so a folder here is always complete
@@ -14,14 +15,18 @@
 
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context, Result};
-use flotilla_shared::Sha256Digest;
+use flotilla_shared::{Sha256Digest, SignedKeySet};
 
 /// Key names in the `state` tree.
 mod keys {
     pub const ACTIVE: &[u8] = b"active";
     pub const PREVIOUS: &[u8] = b"previous";
     pub const GENERATION: &[u8] = b"desired_generation";
+    pub const KEY_SETS: &[u8] = b"key_sets";
+    pub const FLOORS_RESET: &[u8] = b"floors_reset_by";
 }
 
 /// Durable agent state.
@@ -191,6 +196,59 @@ impl Store {
         self.flush()
     }
 
+    /// Key sets accepted after the configured one, oldest first (checked again on load).
+    pub fn key_sets(&self) -> Result<Vec<SignedKeySet>> {
+        let Some(bytes) = self
+            .state
+            .get(keys::KEY_SETS)
+            .context("cannot read agent state")?
+        else {
+            return Ok(Vec::new());
+        };
+        serde_cbor::from_slice(&bytes).context("corrupt key sets in agent state")
+    }
+
+    /// Keeps an accepted key set after those already kept, flushed. Its floor resets are a
+    /// separate step, [`Store::reset_floors`].
+    pub fn append_key_set(&self, signed: &SignedKeySet) -> Result<()> {
+        let mut chain = self.key_sets()?;
+        chain.push(signed.clone());
+        let bytes = serde_cbor::to_vec(&chain).context("cannot encode key sets")?;
+        self.state
+            .insert(keys::KEY_SETS, bytes)
+            .context("cannot record a key set")?;
+        self.flush()
+    }
+
+    /// Sets the floors key set `version` resets, once: a set whose resets were applied
+    /// already changes nothing, so floors raised since are never lowered again. Flushed.
+    ///
+    /// Key sets are appended before their resets run, so after a crash in between the start-up
+    /// check finds this version not yet done and finishes it, before any install.
+    pub fn reset_floors(&self, version: u64, floors: &BTreeMap<String, u64>) -> Result<bool> {
+        if self.floors_reset_by()? >= version {
+            return Ok(false);
+        }
+        for (model, floor) in floors {
+            self.floors
+                .insert(model.as_bytes(), &floor.to_be_bytes())
+                .context("cannot reset a sequence floor")?;
+        }
+        self.state
+            .insert(keys::FLOORS_RESET, &version.to_be_bytes())
+            .context("cannot record the floor reset")?;
+        self.flush()?;
+        Ok(true)
+    }
+
+    fn floors_reset_by(&self) -> Result<u64> {
+        Ok(self
+            .state
+            .get(keys::FLOORS_RESET)
+            .context("cannot read agent state")?
+            .map_or(0, |v| be_u64(&v)))
+    }
+
     /// Which payload chunks of a download are on disk, one bit per chunk.
     pub fn download_bitmap(&self, digest: &Sha256Digest) -> Result<Option<Vec<u8>>> {
         Ok(self
@@ -247,5 +305,37 @@ mod tests {
         let reopened = Store::open(dir.path()).unwrap();
         assert_eq!(reopened.active().unwrap(), Some(b));
         assert_eq!(reopened.floor("m").unwrap(), Some(3));
+    }
+
+    #[test]
+    fn a_key_set_resets_floors_once_and_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let d = Sha256Digest::of(b"d");
+        store.record_activation(&d, "m", 1_000_000).unwrap();
+        store.record_activation(&d, "other", 7).unwrap();
+
+        let resets = BTreeMap::from([("m".to_owned(), 5)]);
+        assert!(store.reset_floors(2, &resets).unwrap());
+        assert_eq!(store.floor("m").unwrap(), Some(5), "lowered");
+        assert_eq!(store.floor("other").unwrap(), Some(7), "untouched");
+
+        store.record_activation(&d, "m", 6).unwrap();
+        assert!(
+            !store.reset_floors(2, &resets).unwrap(),
+            "a set's resets run once"
+        );
+        assert_eq!(store.floor("m").unwrap(), Some(6));
+
+        let signed = SignedKeySet {
+            version: 2,
+            body: vec![1, 2, 3],
+            signatures: vec![],
+        };
+        store.append_key_set(&signed).unwrap();
+        drop(store);
+        let reopened = Store::open(dir.path()).unwrap();
+        assert_eq!(reopened.key_sets().unwrap(), vec![signed]);
+        assert!(!reopened.reset_floors(2, &resets).unwrap());
     }
 }

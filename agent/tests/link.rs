@@ -129,6 +129,7 @@ fn heartbeat(n: u64) -> Telemetry {
         },
         models: Vec::new(),
         dropped_telemetry: 0,
+        key_set: 1,
     })
 }
 

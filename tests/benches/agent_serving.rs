@@ -56,6 +56,7 @@ fn main() {
         publishers: vec![keys.publisher.public()],
         threshold: 1,
         control_plane: None,
+        key_set: 1,
     };
     let installer = Installer::new(
         Store::open(scratch.path()).unwrap(),

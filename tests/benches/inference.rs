@@ -78,6 +78,7 @@ fn stage(
         publishers: vec![keys.publisher.public()],
         threshold: 1,
         control_plane: None,
+        key_set: 1,
     };
     let mut placement = Placement::new(vec![backend]);
     placement.ort.intra_op_threads = threads;

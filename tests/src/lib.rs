@@ -171,6 +171,22 @@ pub fn binary(name: &str) -> PathBuf {
     profile_dir.join(name)
 }
 
+/// Runs the `flotilla` binary (built once per test binary) with `args`; returns whether it
+/// succeeded, its stdout and its stderr.
+pub fn run_flotilla(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
+    static BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let binary = BINARY.get_or_init(|| binary("flotilla"));
+    let out = std::process::Command::new(binary)
+        .args(args)
+        .output()
+        .expect("flotilla runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Writes `key`'s public half as PEM into `dir/name.pub` and returns the path.
 pub fn write_public_key(dir: &Path, name: &str, key: &flotilla_shared::SecretKey) -> PathBuf {
     let path = dir.join(format!("{name}.pub"));

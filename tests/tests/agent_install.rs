@@ -1,5 +1,6 @@
 //! The agent's install pipeline on real bundles: resumable chunked download with loss and
-//! corruption, verification, self-test gating, atomic activation, and restore after restart.
+//! corruption, verification, self-test gating, atomic activation, restore after restart, and
+//! following key sets.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -10,7 +11,7 @@ use flotilla_agent::serving::ModelSlot;
 use flotilla_agent::store::Store;
 use flotilla_shared::manifest::Backend;
 use flotilla_shared::wire::{Chunk, ChunkPart, ChunkRequest};
-use flotilla_shared::{Bundle, Sha256Digest};
+use flotilla_shared::{Bundle, KeySet, KeySetError, SecretKey, Sha256Digest, SignedKeySet};
 use flotilla_tests::{pack_signed, pack_signed_chunked, pack_signed_with, set_release, TestKeys};
 use tokio::sync::mpsc;
 
@@ -94,6 +95,7 @@ fn installer(dir: &std::path::Path, keys: &TestKeys) -> Installer {
         publishers: vec![keys.publisher.public()],
         threshold: 1,
         control_plane: Some(keys.control_plane.public()),
+        key_set: 1,
     };
     Installer::new(store, trust, vec![Backend::Tract])
 }
@@ -362,4 +364,101 @@ async fn activation_keeps_only_the_active_and_previous_versions_on_disk() {
         inst.has_bundle(&digest_of(&releases[1])),
         "the previous release stays for rollback"
     );
+}
+
+fn install(inst: &Installer, slot: &ModelSlot, bundle: &[u8]) {
+    let verified = inst.verify_new(bundle).unwrap();
+    inst.keep(&verified, bundle).unwrap();
+    let staged = inst.stage(&verified, bundle).unwrap();
+    inst.activate(&staged, slot).unwrap();
+}
+
+/// Key set `version` trusting `new` alone, with `floors` reset, signed by `signers`.
+fn key_set(
+    version: u64,
+    new: &SecretKey,
+    floors: &[(&str, u64)],
+    signers: &[&SecretKey],
+) -> SignedKeySet {
+    let mut set = KeySet::new(version, vec![new.public()], 1, 1_800_000_000);
+    set.reset_floors = floors.iter().map(|(m, f)| ((*m).to_owned(), *f)).collect();
+    let mut signed = SignedKeySet::new(&set);
+    for key in signers {
+        signed.add_signature(key);
+    }
+    signed
+}
+
+#[tokio::test]
+async fn a_key_set_retires_a_stolen_key_and_undoes_its_fast_forward_across_restarts() {
+    let keys = TestKeys::default();
+    let stolen = &keys.publisher;
+    let fresh = SecretKey::from_seed([33; 32]);
+    let dir = tempfile::tempdir().unwrap();
+    let slot = ModelSlot::new(2);
+    let release = |key: &SecretKey, version: &str, sequence: u64| {
+        pack_signed_with("tiny-mlp-raw", key, |d| set_release(d, version, sequence))
+    };
+
+    let honest = release(&fresh, "2.0.0", 6);
+    {
+        let inst = installer(dir.path(), &keys);
+        install(&inst, &slot, &release(stolen, "1.0.0", 1));
+        // The thief's release, numbered so high that no honest one could follow it.
+        install(&inst, &slot, &release(stolen, "9.0.0", 1_000_000));
+        assert!(inst.verify_new(&honest).is_err(), "not trusted yet");
+
+        // Signed by the fresh key alone: the trusted (stolen) key did not vouch for it.
+        let unvouched = key_set(2, &fresh, &[], &[&fresh]);
+        let followed = inst.follow_key_sets(&[unvouched]).unwrap();
+        assert!(followed.accepted.is_empty());
+        assert!(
+            matches!(
+                followed.refused,
+                Some(KeySetError::ThresholdNotMet { by: 1, .. })
+            ),
+            "{:?}",
+            followed.refused
+        );
+        // Key set 3 without 2 does not apply either.
+        let skipping = key_set(3, &fresh, &[], &[stolen, &fresh]);
+        let followed = inst.follow_key_sets(&[skipping]).unwrap();
+        assert_eq!(
+            followed.refused,
+            Some(KeySetError::Skips {
+                version: 3,
+                current: 1
+            })
+        );
+        assert_eq!(inst.trust().key_set, 1);
+
+        let rotation = key_set(2, &fresh, &[("tiny-mlp-raw", 5)], &[stolen, &fresh]);
+        let followed = inst.follow_key_sets(&[rotation]).unwrap();
+        assert_eq!(followed.accepted.len(), 1, "{:?}", followed.refused);
+        assert_eq!(inst.trust().key_set, 2);
+        assert_eq!(inst.store().floor("tiny-mlp-raw").unwrap(), Some(5));
+        assert!(
+            !inst.kept_is_trusted(&slot.current().unwrap().digest),
+            "the thief's release is no longer trusted"
+        );
+
+        let err = inst
+            .verify_new(&release(stolen, "9.1.0", 1_000_001))
+            .unwrap_err();
+        assert_eq!(err.stage, Stage::Verify);
+        assert!(err.reason.contains("unknown keys"), "{err}");
+        install(&inst, &slot, &honest);
+        assert!(inst.kept_is_trusted(&digest_of(&honest)));
+    }
+
+    // After a restart the agent still trusts key set 2, kept in its data directory, although
+    // its configuration names the stolen key; and the reset does not run again.
+    let inst = installer(dir.path(), &keys);
+    inst.restore_key_sets().unwrap();
+    assert_eq!(inst.trust().key_set, 2);
+    assert_eq!(inst.store().floor("tiny-mlp-raw").unwrap(), Some(6));
+    assert!(inst.verify_new(&release(stolen, "9.2.0", 7)).is_err());
+    let restored = inst.restore().unwrap().unwrap();
+    assert_eq!(restored.staged.served.digest, digest_of(&honest));
+    assert!(!restored.fell_back);
 }

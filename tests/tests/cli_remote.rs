@@ -104,6 +104,7 @@ impl Fixture {
             trust: TrustConfig {
                 publishers: vec![publisher],
                 threshold: 1,
+                ..TrustConfig::default()
             },
             tokens: vec![
                 token("ops", Role::Operator, OPERATOR_TOKEN),

@@ -13,7 +13,7 @@ use flotilla_agent::config::BrokerConfig;
 use flotilla_control_plane::server::config::BrokerTls;
 use flotilla_shared::wire::{topics, Chunk, ChunkPart, ChunkRequest, Envelope, Presence};
 use flotilla_tests::fleet::{traffic, Fleet, Mosquitto, ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN};
-use flotilla_tests::{pack_signed, pack_signed_with, set_release};
+use flotilla_tests::{pack_signed, pack_signed_with, run_flotilla, set_release};
 use rumqttc::{AsyncClient, QoS};
 use serde_json::{json, Value};
 
@@ -816,7 +816,7 @@ async fn a_new_agent_joins_at_the_release_completed_for_agents_like_it() {
     let (status, body) = fleet.get("/rollouts?limit=0", Some(VIEWER_TOKEN)).await;
     assert_eq!(status, 400, "{body}");
     let api = format!("http://{}", fleet.server().api_addr);
-    let (ok, table, stderr) = flotilla(&[
+    let (ok, table, stderr) = run_flotilla(&[
         "rollout".as_ref(),
         "list".as_ref(),
         "--active".as_ref(),
@@ -856,22 +856,6 @@ async fn with_assignment_off_a_new_agent_waits_for_a_rollout() {
     fleet.shutdown().await;
 }
 
-/// Runs the `flotilla` binary (built once per test run); returns whether it succeeded, stdout
-/// and stderr.
-fn flotilla(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
-    static BINARY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    let binary = BINARY.get_or_init(|| flotilla_tests::binary("flotilla"));
-    let out = std::process::Command::new(binary)
-        .args(args)
-        .output()
-        .expect("flotilla runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// What an operator sees of the server's state: bundles, rollouts, agents' records and the
 /// event log, with what changes by itself (presence, heartbeats) left out.
 async fn state_of(fleet: &Fleet) -> Value {
@@ -907,7 +891,7 @@ async fn a_backup_restored_onto_a_new_server_carries_the_fleet_on() {
     let api = format!("http://{}", fleet.server().api_addr);
     let file = fleet.dir.path().join("fleet.backup");
     let backup = |token: &str| {
-        flotilla(&[
+        run_flotilla(&[
             "backup".as_ref(),
             "--out".as_ref(),
             file.as_os_str(),
@@ -924,7 +908,7 @@ async fn a_backup_restored_onto_a_new_server_carries_the_fleet_on() {
     let (ok, stdout, stderr) = backup(ADMIN_TOKEN);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("backed up 4 agents, 2 bundles"), "{stdout}");
-    let (ok, stdout, stderr) = flotilla(&[
+    let (ok, stdout, stderr) = run_flotilla(&[
         "server".as_ref(),
         "restore".as_ref(),
         file.as_os_str(),
@@ -937,7 +921,7 @@ async fn a_backup_restored_onto_a_new_server_carries_the_fleet_on() {
     let cut = fleet.dir.path().join("cut.backup");
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&cut, &bytes[..bytes.len() - 1]).unwrap();
-    let (ok, _, stderr) = flotilla(&[
+    let (ok, _, stderr) = run_flotilla(&[
         "server".as_ref(),
         "restore".as_ref(),
         cut.as_os_str(),
@@ -953,7 +937,7 @@ async fn a_backup_restored_onto_a_new_server_carries_the_fleet_on() {
     fleet.stop_server().await;
     let restored = fleet.dir.path().join("restored");
     let restore = || {
-        flotilla(&[
+        run_flotilla(&[
             "server".as_ref(),
             "restore".as_ref(),
             file.as_os_str(),

@@ -2,6 +2,7 @@
 
 mod bundle;
 mod demo;
+mod keyset;
 mod remote;
 mod server;
 
@@ -41,6 +42,10 @@ pub enum Command {
     /// Start, list, inspect and steer staged rollouts on a control plane.
     #[command(subcommand)]
     Rollout(RolloutCommand),
+    /// Replace the publisher keys the fleet trusts: make, sign and inspect key sets, and push
+    /// them to a control plane, which sends them to every agent.
+    #[command(subcommand)]
+    Keyset(KeysetCommand),
     /// List a control plane's agents: presence, version, health, heartbeat, labels.
     Agents {
         /// Only agents this label selector matches, e.g. `site=berlin,hw in (cpu,gpu)`.
@@ -183,6 +188,74 @@ pub enum BundleCommand {
     },
 }
 
+/// `flotilla keyset ...`.
+#[derive(Debug, Subcommand)]
+pub enum KeysetCommand {
+    /// Write an unsigned key set: the publisher keys trusted from VERSION on.
+    New {
+        /// Its version: one above the key set trusted now (`flotilla keyset status`); the
+        /// keys agents are configured with are key set 1 unless their trust.key_set says
+        /// otherwise.
+        #[arg(long)]
+        version: u64,
+        /// Public key file of a publisher it trusts; repeat for several.
+        #[arg(long = "publisher", required = true)]
+        publishers: Vec<PathBuf>,
+        /// Distinct publisher signatures a bundle needs.
+        #[arg(long, default_value_t = 1)]
+        threshold: u32,
+        /// MODEL=SEQ: every agent's sequence floor for MODEL becomes SEQ, to recover from a
+        /// release numbered too high by a key this set retires; repeat for several models.
+        #[arg(long = "reset-floor", value_name = "MODEL=SEQ", value_parser = keyset::parse_floor)]
+        reset_floors: Vec<(String, u64)>,
+        /// File to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Add signatures to a key set file in place. It needs a threshold of the keys trusted now
+    /// and a threshold of its own keys.
+    Sign {
+        /// Key set file.
+        file: PathBuf,
+        /// Secret key file; repeat for several signatures.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+    },
+    /// Show what a key set file holds and which keys signed it (signatures not checked).
+    Show {
+        /// Key set file.
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Push a signed key set to a control plane (admin). Refused while agents serve bundles
+    /// its keys did not sign, unless --force.
+    Push {
+        /// Key set file.
+        file: PathBuf,
+        /// Accept it even though agents serve, or active rollouts ship, bundles its keys did
+        /// not sign: they keep serving them but cannot load them again after a restart.
+        #[arg(long)]
+        force: bool,
+        /// Print the API's JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+        /// Server and token.
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// The key set a control plane trusts, the chain before it, and agents on an older one.
+    Status {
+        /// Print the API's JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Server and token.
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+}
+
 /// `flotilla rollout ...`.
 #[derive(Debug, Subcommand)]
 pub enum RolloutCommand {
@@ -298,6 +371,7 @@ pub fn run(cli: Cli) -> Result<()> {
             remote::bundles::list(&remote, json)
         }
         Command::Rollout(command) => run_rollout(command),
+        Command::Keyset(command) => run_keyset(command),
         Command::Agents {
             selector,
             json,
@@ -335,6 +409,33 @@ pub fn run(cli: Cli) -> Result<()> {
             command: None,
             args,
         } => server::run(&args),
+    }
+}
+
+fn run_keyset(command: KeysetCommand) -> Result<()> {
+    match command {
+        KeysetCommand::New {
+            version,
+            publishers,
+            threshold,
+            reset_floors,
+            out,
+        } => keyset::new(&keyset::NewArgs {
+            version,
+            publishers,
+            threshold,
+            reset_floors,
+            out,
+        }),
+        KeysetCommand::Sign { file, keys } => keyset::sign(&file, &keys),
+        KeysetCommand::Show { file, json } => keyset::show(&file, json),
+        KeysetCommand::Push {
+            file,
+            force,
+            json,
+            remote,
+        } => remote::trust::push(&file, force, &remote, json),
+        KeysetCommand::Status { json, remote } => remote::trust::status(&remote, json),
     }
 }
 

@@ -256,6 +256,7 @@ impl Sim {
                 .map(|m| m.values().cloned().collect())
                 .unwrap_or_default(),
             dropped_telemetry: 0,
+            key_set: 1,
         };
         let actions = self.rollout.on_heartbeat(agent, &heartbeat, self.now);
         self.record(actions)

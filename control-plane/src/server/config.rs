@@ -114,6 +114,14 @@ pub struct TrustConfig {
     /// Distinct publisher signatures a bundle needs.
     #[serde(default = "default_threshold")]
     pub threshold: usize,
+    /// Which key set `publishers` and `threshold` are. Default 1: the fleet's first keys. Key
+    /// sets pushed later (`flotilla keyset push`) are kept in the data directory.
+    #[serde(default = "default_key_set")]
+    pub key_set: u64,
+}
+
+fn default_key_set() -> u64 {
+    1
 }
 
 /// One API token.
@@ -157,6 +165,7 @@ impl Default for TrustConfig {
         Self {
             publishers: Vec::new(),
             threshold: default_threshold(),
+            key_set: default_key_set(),
         }
     }
 }
@@ -210,6 +219,9 @@ impl ServerConfig {
                     token.name
                 );
             }
+        }
+        if self.trust.key_set == 0 {
+            bail!("trust.key_set must be at least 1");
         }
         if !self.trust.publishers.is_empty() && self.trust.threshold == 0 {
             bail!("trust.threshold must be at least 1");

@@ -9,12 +9,13 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
+use flotilla_shared::keyset::Accepted;
 use flotilla_shared::verify::{VerifiedBundle, Verifier};
 use flotilla_shared::wire::{
     topics, DesiredBundle, DesiredState, Envelope, Event, EventKind, Heartbeat, Presence,
-    SignedDesiredState, Telemetry,
+    SignedDesiredState, Telemetry, TrustChain,
 };
-use flotilla_shared::{SecretKey, Sha256Digest};
+use flotilla_shared::{KeySetError, SecretKey, Sha256Digest, SignedKeySet, TrustedKeys};
 use tokio::sync::mpsc;
 
 use super::registry::{AgentRecord, PresenceChange, Sequence};
@@ -83,8 +84,10 @@ pub enum Steer {
 pub struct Hub {
     store: Store,
     key: SecretKey,
-    publishers: Vec<flotilla_shared::PublicKey>,
-    threshold: usize,
+    /// The publisher keys trusted now (`None`: none configured, every upload is refused).
+    trust: Option<TrustedKeys>,
+    /// The key sets that followed the configured keys, oldest first; what agents are sent.
+    key_sets: Vec<SignedKeySet>,
     agent_timeout_ms: u64,
     assign_new_agents: bool,
     agents: BTreeMap<String, AgentRecord>,
@@ -115,6 +118,8 @@ pub struct HubSettings {
     pub publishers: Vec<flotilla_shared::PublicKey>,
     /// Distinct publisher signatures an upload needs.
     pub threshold: usize,
+    /// Which key set `publishers` and `threshold` are.
+    pub key_set: u64,
     /// Silence after which an agent counts as offline, milliseconds.
     pub agent_timeout_ms: u64,
     /// Whether agents with no desired state are given the fleet's current release (see
@@ -150,11 +155,12 @@ impl Hub {
             .into_iter()
             .map(|r| (r.id().to_owned(), r))
             .collect();
+        let (trust, key_sets) = load_trust(&store, &settings)?;
         Ok(Self {
             store,
             key: settings.key,
-            publishers: settings.publishers,
-            threshold: settings.threshold,
+            trust,
+            key_sets,
             agent_timeout_ms: settings.agent_timeout_ms,
             assign_new_agents: settings.assign_new_agents,
             agents,
@@ -312,6 +318,15 @@ impl Hub {
             .filter(|a| a.online && !self.desired.contains_key(&a.id) && !waiting(&a.labels))
             .filter_map(|a| {
                 let release = self.release_for(&a.labels)?;
+                // A release from before a key rotation that its keys did not survive would
+                // only be refused.
+                let trusted = self
+                    .trust
+                    .as_ref()
+                    .is_some_and(|keys| self.trusted_by(keys, &release.bundle().digest));
+                if !trusted {
+                    return None;
+                }
                 Some((
                     a.id.clone(),
                     release.id().to_owned(),
@@ -387,8 +402,10 @@ impl Hub {
             .agents
             .get_mut(agent)
             .expect("invariant: record made by on_telemetry");
-        if let EventKind::Started { active } = &event.kind {
-            record.active = active.clone();
+        match &event.kind {
+            EventKind::Started { active } => record.active = active.clone(),
+            EventKind::KeySetApplied { version, .. } => record.key_set = *version,
+            _ => {}
         }
         let record = record.clone();
         self.store.put_agent(&record)?;
@@ -456,13 +473,148 @@ impl Hub {
     /// A verifier for uploads: the trusted publishers and threshold, at `now_ms`. Uploads
     /// are verified with it outside the hub's lock, then handed to [`Hub::add_bundle`].
     pub fn upload_verifier(&self, now_ms: u64) -> Result<Verifier, HubError> {
-        if self.publishers.is_empty() {
-            return Err(HubError::Conflict(
+        Ok(self.trusted_keys()?.verifier(now_ms / 1000))
+    }
+
+    fn trusted_keys(&self) -> Result<&TrustedKeys, HubError> {
+        self.trust.as_ref().ok_or_else(|| {
+            HubError::Conflict(
                 "this server trusts no publisher key; add [trust] publishers to its config".into(),
-            ));
+            )
+        })
+    }
+
+    // ---- key sets ----------------------------------------------------------------------
+
+    /// The publisher keys trusted now, and the key sets that led to them, oldest first.
+    pub fn trust(&self) -> (Option<&TrustedKeys>, &[SignedKeySet]) {
+        (self.trust.as_ref(), &self.key_sets)
+    }
+
+    /// Agents whose served bundle key set `keys` would not trust, as `agent (name@version)`,
+    /// and active rollouts whose bundle it would not trust.
+    pub fn untrusted_under(&self, keys: &TrustedKeys) -> (Vec<String>, Vec<String>) {
+        let trusted = |digest: &Sha256Digest| self.trusted_by(keys, digest);
+        let agents = self
+            .agents
+            .values()
+            .filter(|a| a.active.as_ref().is_some_and(|m| !trusted(&m.digest)))
+            .map(|a| format!("{} ({})", a.id, a.version_label()))
+            .collect();
+        let rollouts = self
+            .rollouts
+            .values()
+            .filter(|r| r.is_active() && !trusted(&r.bundle().digest))
+            .map(|r| r.id().to_owned())
+            .collect();
+        (agents, rollouts)
+    }
+
+    /// Whether `keys` trust the bundle `digest`; a bundle the server does not hold cannot be
+    /// judged and counts as trusted.
+    fn trusted_by(&self, keys: &TrustedKeys, digest: &Sha256Digest) -> bool {
+        self.bundles
+            .get(digest)
+            .is_none_or(|b| keys.accepts_signers(&signers_of(b)))
+    }
+
+    /// Accepts the key set that follows the trusted one, keeps it, and publishes the chain to
+    /// agents. Refused (409) when agents serve, or an active rollout ships, bundles the new keys
+    /// do not trust, unless `force`: such agents keep serving but could neither restore their
+    /// bundle after a restart nor be rolled back to it.
+    pub fn add_key_set(
+        &mut self,
+        signed: SignedKeySet,
+        force: bool,
+        now_ms: u64,
+    ) -> Result<Accepted, HubError> {
+        let accepted = self.trusted_keys()?.next(&signed).map_err(|e| match e {
+            KeySetError::NotNewer { .. } | KeySetError::Skips { .. } => {
+                HubError::Conflict(e.to_string())
+            }
+            other => HubError::Invalid(format!("key set refused: {other}")),
+        })?;
+        let (agents, rollouts) = self.untrusted_under(&accepted.keys);
+        let stranding = !agents.is_empty() || !rollouts.is_empty();
+        if stranding && !force {
+            let mut problems = Vec::new();
+            if !agents.is_empty() {
+                problems.push(format!(
+                    "{} agent(s) serve bundles its keys did not sign: {}; they would keep serving them but could not load them again after a restart",
+                    agents.len(),
+                    agents.join(", ")
+                ));
+            }
+            if !rollouts.is_empty() {
+                problems.push(format!(
+                    "active rollout(s) {} ship bundles its keys did not sign, which agents would refuse",
+                    rollouts.join(", ")
+                ));
+            }
+            return Err(HubError::Conflict(format!(
+                "key set {}: {}. Roll the fleet onto bundles the new keys signed first, or force it",
+                accepted.keys.version(),
+                problems.join("; ")
+            )));
         }
-        Verifier::new(&self.publishers, self.threshold, now_ms / 1000)
-            .map_err(|e| HubError::Internal(anyhow::anyhow!("trust configuration: {e}")))
+        let version = accepted.keys.version();
+        self.store.put_key_set(version, &accepted.signed)?;
+        self.key_sets.push(accepted.signed.clone());
+        self.trust = Some(accepted.keys.clone());
+        self.publish_trust();
+        let ids: Vec<String> = accepted
+            .keys
+            .publishers()
+            .iter()
+            .map(|k| k.id().to_string())
+            .collect();
+        self.log(
+            None,
+            None,
+            "key_set_added",
+            format!(
+                "key set {version} trusted: {} publisher key(s) ({}), threshold {}{}",
+                ids.len(),
+                ids.join(", "),
+                accepted.keys.threshold(),
+                if agents.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; forced past {} agent(s) serving bundles it does not trust",
+                        agents.len()
+                    )
+                }
+            ),
+            serde_json::json!({
+                "version": version,
+                "publishers": ids,
+                "threshold": accepted.keys.threshold(),
+                "reset_floors": accepted.set.reset_floors,
+                "untrusted_agents": agents,
+                "untrusted_rollouts": rollouts,
+            }),
+            now_ms,
+        )?;
+        Ok(accepted)
+    }
+
+    /// Publishes the chain of key sets (retained) for agents to follow. Called after each
+    /// connection to the broker too; nothing is published while there is no chain.
+    pub fn publish_trust(&mut self) {
+        if self.key_sets.is_empty() {
+            return;
+        }
+        self.seq += 1;
+        let chain = TrustChain {
+            key_sets: self.key_sets.clone(),
+        };
+        let envelope = Envelope::new(SERVER_ID, self.seq, super::unix_ms(), chain);
+        let _ = self.out.send(Outgoing {
+            topic: topics::trust(),
+            payload: envelope.encode(),
+            retain: true,
+        });
     }
 
     /// Stores a bundle that passed [`Hub::upload_verifier`]'s checks. Returns the record and
@@ -616,6 +768,16 @@ impl Hub {
             HubError::NotFound(m) => HubError::Invalid(format!("{m}; upload it first")),
             other => other,
         })?;
+        if let Some(keys) = self.trust.as_ref() {
+            if !keys.accepts_signers(&signers_of(&bundle)) {
+                return Err(HubError::Invalid(format!(
+                    "{}@{} is not signed by the publisher keys trusted now (key set {}): agents would refuse it",
+                    bundle.name,
+                    bundle.version,
+                    keys.version()
+                )));
+            }
+        }
         let id = match id {
             Some(id) => {
                 if self.rollouts.contains_key(&id) {
@@ -809,6 +971,53 @@ enum Drop {
     Malformed(String),
 }
 
+/// The configured publisher keys, moved on by the key sets the store kept. A kept set that no
+/// longer follows them (the configuration names other keys) stops the server: agents follow
+/// the same chain, so the two must agree.
+fn load_trust(
+    store: &Store,
+    settings: &HubSettings,
+) -> Result<(Option<TrustedKeys>, Vec<SignedKeySet>)> {
+    let kept = store.key_sets()?;
+    if settings.publishers.is_empty() {
+        if !kept.is_empty() {
+            anyhow::bail!(
+                "the data directory holds {} key set(s) but the config trusts no publisher key to check them against",
+                kept.len()
+            );
+        }
+        return Ok((None, kept));
+    }
+    let configured = TrustedKeys::new(
+        settings.key_set,
+        settings.publishers.clone(),
+        settings.threshold,
+    )
+    .context("trust configuration")?;
+    let followed = configured.follow(&kept);
+    if let Some(e) = followed.refused {
+        anyhow::bail!(
+            "a key set kept in the data directory does not follow the configured trust keys \
+             (trust.publishers, trust.threshold, trust.key_set): {e}"
+        );
+    }
+    let trust = followed
+        .accepted
+        .last()
+        .map_or(configured, |a| a.keys.clone());
+    let chain = followed.accepted.into_iter().map(|a| a.signed).collect();
+    Ok((Some(trust), chain))
+}
+
+/// The key ids that signed a bundle, as its record keeps them.
+fn signers_of(bundle: &BundleRecord) -> Vec<flotilla_shared::KeyId> {
+    bundle
+        .signed_by
+        .iter()
+        .filter_map(|hex| hex.parse::<Sha256Digest>().ok().map(flotilla_shared::KeyId))
+        .collect()
+}
+
 /// A short name and a sentence for an agent event.
 fn describe_event(agent: &str, kind: &EventKind) -> (&'static str, String) {
     match kind {
@@ -835,6 +1044,28 @@ fn describe_event(agent: &str, kind: &EventKind) -> (&'static str, String) {
             format!("{agent} rejected its desired state: {reason}"),
         ),
         EventKind::Degraded { cause } => ("degraded", format!("{agent} degraded: {cause}")),
+        EventKind::KeySetApplied {
+            version,
+            publishers,
+            threshold,
+            active_trusted,
+            ..
+        } => (
+            "key_set_applied",
+            format!(
+                "{agent} now trusts key set {version} ({} key(s), threshold {threshold}){}",
+                publishers.len(),
+                if *active_trusted {
+                    ""
+                } else {
+                    "; the bundle it serves is not signed by them"
+                }
+            ),
+        ),
+        EventKind::KeySetRejected { reason } => (
+            "key_set_rejected",
+            format!("{agent} did not apply a key set: {reason}"),
+        ),
         EventKind::Started { active } => (
             "started",
             match active {

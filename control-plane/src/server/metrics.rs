@@ -5,6 +5,8 @@
 //! | `flotilla_agents` | gauge | presence | agents known, `online` or `offline` |
 //! | `flotilla_agents_by_version` | gauge | version | agents by the model they serve (`name@version`, or `none`) |
 //! | `flotilla_agents_by_health` | gauge | health | agents by reported health |
+//! | `flotilla_agents_by_key_set` | gauge | key_set | agents by the publisher key set version they report (`0`: none yet) |
+//! | `flotilla_trusted_key_set` | gauge | | the key set version the server trusts (0: no publisher key) |
 //! | `flotilla_rollouts` | gauge | state | rollouts by state |
 //! | `flotilla_rollout_agents` | gauge | rollout, phase | agents of each active rollout by phase |
 //! | `flotilla_rollout_wave` | gauge | rollout | index of the wave an active rollout is in |
@@ -52,6 +54,11 @@ struct HealthLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeySetLabel {
+    key_set: u64,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct State {
     state: String,
 }
@@ -91,6 +98,8 @@ pub struct ServerMetrics {
     agents: Family<Presence, Gauge>,
     by_version: Family<Version, Gauge>,
     by_health: Family<HealthLabel, Gauge>,
+    by_key_set: Family<KeySetLabel, Gauge>,
+    trusted_key_set: Gauge,
     rollouts: Family<State, Gauge>,
     rollout_agents: Family<RolloutPhase, Gauge>,
     rollout_wave: Family<RolloutLabel, Gauge>,
@@ -119,6 +128,8 @@ impl ServerMetrics {
             agents: Family::default(),
             by_version: Family::default(),
             by_health: Family::default(),
+            by_key_set: Family::default(),
+            trusted_key_set: Gauge::default(),
             rollouts: Family::default(),
             rollout_agents: Family::default(),
             rollout_wave: Family::default(),
@@ -147,6 +158,16 @@ impl ServerMetrics {
             "flotilla_agents_by_health",
             "Agents by reported health",
             metrics.by_health.clone(),
+        );
+        registry.register(
+            "flotilla_agents_by_key_set",
+            "Agents by the publisher key set version they report",
+            metrics.by_key_set.clone(),
+        );
+        registry.register(
+            "flotilla_trusted_key_set",
+            "Version of the publisher key set the server trusts",
+            metrics.trusted_key_set.clone(),
         );
         registry.register(
             "flotilla_rollouts",
@@ -239,7 +260,9 @@ impl ServerMetrics {
         let mut presence = BTreeMap::from([("online", 0i64), ("offline", 0i64)]);
         let mut versions: BTreeMap<String, i64> = BTreeMap::new();
         let mut health: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut key_sets: BTreeMap<u64, i64> = BTreeMap::new();
         for agent in hub.all_agents() {
+            *key_sets.entry(agent.key_set).or_default() += 1;
             *presence
                 .entry(if agent.online { "online" } else { "offline" })
                 .or_default() += 1;
@@ -266,6 +289,16 @@ impl ServerMetrics {
                 })
                 .set(n);
         }
+
+        self.by_key_set.clear();
+        for (key_set, n) in key_sets {
+            self.by_key_set
+                .get_or_create(&KeySetLabel { key_set })
+                .set(n);
+        }
+        let trusted = hub.trust().0.map_or(0, |k| k.version());
+        self.trusted_key_set
+            .set(i64::try_from(trusted).unwrap_or(i64::MAX));
 
         self.rollouts.clear();
         self.rollout_agents.clear();

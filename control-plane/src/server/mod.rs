@@ -150,6 +150,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
             key,
             publishers,
             threshold: config.trust.threshold,
+            key_set: config.trust.key_set,
             agent_timeout_ms: config.agent_timeout().as_millis() as u64,
             assign_new_agents: config.assign_new_agents,
         },

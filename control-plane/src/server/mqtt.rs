@@ -232,10 +232,9 @@ impl Handler {
             }
         }
         self.announce(true);
-        self.hub
-            .lock()
-            .expect("invariant: hub lock never poisoned")
-            .republish_desired();
+        let mut hub = self.hub.lock().expect("invariant: hub lock never poisoned");
+        hub.publish_trust();
+        hub.republish_desired();
     }
 
     fn announce(&self, online: bool) {

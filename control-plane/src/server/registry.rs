@@ -54,6 +54,9 @@ pub struct AgentRecord {
     pub telemetry_missing: u64,
     /// Telemetry items the agent itself dropped (its offline buffer overflowed).
     pub telemetry_dropped_by_agent: u64,
+    /// Version of the publisher key set it trusts, as last reported (0: not reported yet).
+    #[serde(default)]
+    pub key_set: u64,
 }
 
 /// What a presence message did.
@@ -102,6 +105,7 @@ impl AgentRecord {
             telemetry_received: 0,
             telemetry_missing: 0,
             telemetry_dropped_by_agent: 0,
+            key_set: 0,
         }
     }
 
@@ -183,6 +187,7 @@ impl AgentRecord {
         self.host = Some(heartbeat.host.clone());
         self.models = heartbeat.models.clone();
         self.telemetry_dropped_by_agent = heartbeat.dropped_telemetry;
+        self.key_set = heartbeat.key_set;
         if !self.online && heartbeat.session >= self.session && self.session > 0 {
             self.session = heartbeat.session;
             self.online = true;

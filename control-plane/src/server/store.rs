@@ -1,7 +1,9 @@
-//! The server's durable state in sled: agents, bundles, desired states, rollouts, events.
+//! The server's durable state in sled: agents, bundles, desired states, rollouts, events,
+//! and the publisher key sets that followed the configured keys.
 //!
 //! Every tree maps a key to one CBOR value, except `payloads` (raw bundle bytes, keyed by
-//! digest) and `events` (keyed by a big-endian sequence number, so iteration is in order).
+//! digest), and `events` and `trust` (keyed by a big-endian event id or key set version, so
+//! iteration is in order).
 //! Writes go through [`Store`] and callers [`Store::flush`] before acknowledging an API
 //! request, so what the API confirmed survives a crash.
 
@@ -11,7 +13,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use flotilla_shared::wire::DesiredState;
-use flotilla_shared::Sha256Digest;
+use flotilla_shared::{Sha256Digest, SignedKeySet};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -67,8 +69,8 @@ pub struct EventRecord {
 }
 
 /// Every tree of the store, as backups name them.
-pub const TREES: [&str; 6] = [
-    "agents", "bundles", "payloads", "desired", "rollouts", "events",
+pub const TREES: [&str; 7] = [
+    "agents", "bundles", "payloads", "desired", "rollouts", "events", "trust",
 ];
 
 /// Every record but the bundle payloads, and the payloads' keys, as of one moment.
@@ -90,6 +92,7 @@ pub struct Store {
     desired: sled::Tree,
     rollouts: sled::Tree,
     events: sled::Tree,
+    trust: sled::Tree,
     /// The last event id given out. Kept from the log itself rather than the database's id
     /// generator, so a restored log goes on where it ended.
     last_event: Arc<AtomicU64>,
@@ -122,6 +125,7 @@ impl Store {
             desired: tree("desired")?,
             rollouts: tree("rollouts")?,
             events,
+            trust: tree("trust")?,
             last_event: Arc::new(AtomicU64::new(last_event)),
             db,
         })
@@ -135,6 +139,7 @@ impl Store {
             "desired" => &self.desired,
             "rollouts" => &self.rollouts,
             "events" => &self.events,
+            "trust" => &self.trust,
             _ => return None,
         })
     }
@@ -187,6 +192,26 @@ impl Store {
             .flush_async()
             .await
             .context("cannot flush the database")?;
+        Ok(())
+    }
+
+    /// The key sets that followed the configured keys, oldest first, as signed.
+    pub fn key_sets(&self) -> Result<Vec<SignedKeySet>> {
+        self.trust
+            .iter()
+            .values()
+            .map(|v| {
+                let bytes = v.context("cannot read the key sets")?;
+                SignedKeySet::decode(&bytes).context("corrupt key set in the store")
+            })
+            .collect()
+    }
+
+    /// Keeps key set `version`.
+    pub fn put_key_set(&self, version: u64, signed: &SignedKeySet) -> Result<()> {
+        self.trust
+            .insert(version.to_be_bytes(), signed.encode())
+            .context("cannot record the key set")?;
         Ok(())
     }
 

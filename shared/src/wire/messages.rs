@@ -111,6 +111,9 @@ pub struct Heartbeat {
     pub models: Vec<VersionMetrics>,
     /// Telemetry items dropped because the offline buffer was full, since start.
     pub dropped_telemetry: u64,
+    /// Version of the publisher key set the agent trusts (0 from agents that predate key sets).
+    #[serde(default)]
+    pub key_set: u64,
 }
 
 /// Overall agent state.
@@ -306,6 +309,25 @@ pub enum EventKind {
         /// Why.
         cause: String,
     },
+    /// The agent now trusts a new publisher key set.
+    KeySetApplied {
+        /// The set's version.
+        version: u64,
+        /// Its publisher keys.
+        publishers: Vec<KeyId>,
+        /// Distinct signatures a bundle needs from now on.
+        threshold: u32,
+        /// Models whose sequence floor it reset.
+        reset_floors: Vec<String>,
+        /// Whether the bundle being served is signed by the new keys. When it is not, it keeps
+        /// serving, but a restart will not load it again.
+        active_trusted: bool,
+    },
+    /// A key set on the trust topic was not applied.
+    KeySetRejected {
+        /// Why.
+        reason: String,
+    },
     /// The agent started and is serving what it reports.
     Started {
         /// Model being served after start, if any.
@@ -420,6 +442,15 @@ impl SignedDesiredState {
         }
         serde_cbor::from_slice(&self.state).map_err(|e| DesiredStateError::Malformed(e.to_string()))
     }
+}
+
+/// Retained on [`topics::trust`](super::topics::trust): every key set after the fleet's first,
+/// oldest first, so an agent that missed some follows them in order. Each set is signed by the
+/// keys it replaces; neither the broker nor the control plane is trusted with them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustChain {
+    /// The signed key sets.
+    pub key_sets: Vec<crate::keyset::SignedKeySet>,
 }
 
 /// Published by a downloader on `bundles/{digest}/requests`.

@@ -52,6 +52,7 @@ pub(in crate::cli) fn push(file: &Path, remote: &RemoteArgs, as_json: bool) -> R
     );
     let answer = client.post_bytes(
         &["api", "v1", "bundles"],
+        &[],
         Body::sized(bar.wrap_read(reader), size),
     );
     bar.finish_and_clear();

@@ -2,13 +2,15 @@
 //!
 //! [`Client`] holds the server URL and token and turns every answer into either JSON or an
 //! error that carries the API's own message and status. The verbs live in [`bundles`],
-//! [`rollouts`], [`fleet`] and [`backup`]; [`table`] lays out their human-readable output.
+//! [`rollouts`], [`fleet`], [`backup`] and [`trust`]; [`table`] lays out their human-readable
+//! output.
 
 pub(super) mod backup;
 pub(super) mod bundles;
 pub(super) mod fleet;
 pub(super) mod rollouts;
 mod table;
+pub(super) mod trust;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -150,8 +152,13 @@ impl Client {
     }
 
     /// `POST` a raw octet stream under the base URL, with no overall time limit.
-    pub(crate) fn post_bytes(&self, segments: &[&str], body: Body) -> Result<Answer> {
-        let url = self.url(segments, &[]);
+    pub(crate) fn post_bytes(
+        &self,
+        segments: &[&str],
+        query: &[(&str, String)],
+        body: Body,
+    ) -> Result<Answer> {
+        let url = self.url(segments, query);
         let request = self
             .uploads
             .post(url.clone())

@@ -2,7 +2,8 @@
 //! document at `/api/v1/openapi.json`, generated from the handlers' annotations.
 //!
 //! Every `/api/v1` route but the OpenAPI document needs a bearer token; reads need `viewer`,
-//! bundle uploads and rollout changes `operator`, forgetting an agent and backups `admin`. Errors are
+//! bundle uploads and rollout changes `operator`; forgetting an agent, backups and key sets
+//! `admin`. Errors are
 //! `{"error": "..."}` with 400 (bad input), 401 (no or unknown token), 403 (role too low),
 //! 404, 409 (conflicts with the current state), 413 (upload too large) or 500.
 
@@ -19,6 +20,7 @@ use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
+use flotilla_shared::SignedKeySet;
 use serde::Deserialize;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -27,7 +29,7 @@ use utoipa_axum::routes;
 use auth::BearerScheme;
 pub use auth::{Admin, Caller, Operator, Tokens, Viewer};
 pub use views::{phase_name, wave_index};
-use views::{AgentView, EventsPage, FleetSummary, RolloutView};
+use views::{AgentView, EventsPage, FleetSummary, RolloutView, TrustView};
 
 use super::hub::{Hub, HubError, Steer};
 use super::metrics::{ServerMetrics, CONTENT_TYPE};
@@ -138,6 +140,7 @@ pub struct ErrorBody {
         (name = "bundles", description = "Signed model bundles"),
         (name = "rollouts", description = "Staged rollouts"),
         (name = "events", description = "The event log"),
+        (name = "trust", description = "Publisher key sets"),
         (name = "server", description = "The server itself"),
     )
 )]
@@ -154,6 +157,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(fleet_summary))
         .routes(routes!(list_bundles, upload_bundle))
         .routes(routes!(get_bundle))
+        .routes(routes!(get_trust, add_key_set))
         .routes(routes!(list_rollouts, create_rollout))
         .routes(routes!(get_rollout))
         .routes(routes!(steer_rollout))
@@ -372,6 +376,54 @@ async fn get_bundle(
     Path(reference): Path<String>,
 ) -> ApiResult<Json<BundleRecord>> {
     Ok(Json(state.hub().bundle(&reference)?))
+}
+
+// ---- trust -----------------------------------------------------------------------------
+
+/// The publisher keys trusted now, the key sets pushed after the configured ones, and the
+/// agents that report an older key set.
+#[utoipa::path(get, path = "/api/v1/trust", tag = "trust", security(("bearer" = [])),
+    responses((status = 200, body = TrustView)))]
+async fn get_trust(Viewer(_): Viewer, State(state): State<AppState>) -> ApiResult<Json<TrustView>> {
+    Ok(Json(TrustView::new(&state.hub())))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct KeySetQuery {
+    /// Accept it even though agents serve, or active rollouts ship, bundles its keys did not
+    /// sign.
+    force: Option<bool>,
+}
+
+/// Adds the key set that follows the trusted one (the signed file as the body; admin). It must
+/// be signed by a threshold of the trusted keys and a threshold of its own; agents are sent the
+/// chain and follow it. 409 when it is not the next version, or when agents serve bundles its
+/// keys did not sign (unless `force`).
+#[utoipa::path(post, path = "/api/v1/trust", tag = "trust", params(KeySetQuery),
+    request_body(content = Vec<u8>, content_type = "application/cbor"), security(("bearer" = [])),
+    responses((status = 201, body = TrustView), (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn add_key_set(
+    Admin(caller): Admin,
+    State(state): State<AppState>,
+    Query(query): Query<KeySetQuery>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<TrustView>)> {
+    let signed = SignedKeySet::decode(&body)
+        .map_err(|e| ApiError::bad_request(format!("key set refused: {e}")))?;
+    let view = {
+        let mut hub = state.hub();
+        let accepted = hub.add_key_set(signed, query.force == Some(true), unix_ms())?;
+        tracing::info!(
+            caller = caller.name(),
+            key_set = accepted.keys.version(),
+            "key set added"
+        );
+        TrustView::new(&hub)
+    };
+    state.store.flush().await?;
+    Ok((StatusCode::CREATED, Json(view)))
 }
 
 // ---- rollouts --------------------------------------------------------------------------

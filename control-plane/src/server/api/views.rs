@@ -43,6 +43,102 @@ impl AgentView {
     }
 }
 
+/// The publisher keys trusted now, how they came to be, and who has not caught up.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TrustView {
+    /// Version of the key set trusted now; null when the server trusts no publisher key.
+    pub version: Option<u64>,
+    /// Distinct signatures a bundle needs.
+    pub threshold: Option<usize>,
+    /// The publisher keys trusted now.
+    pub publishers: Vec<PublisherView>,
+    /// The key sets pushed after the configured keys, oldest first.
+    pub key_sets: Vec<KeySetView>,
+    /// Agents whose latest report names an older key set (0: none reported yet).
+    pub behind: Vec<AgentKeySet>,
+}
+
+/// One trusted publisher key.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PublisherView {
+    /// Key id: SHA-256 of the raw key, hex.
+    pub id: String,
+    /// The key as PEM.
+    pub pem: String,
+}
+
+/// One key set of the chain.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct KeySetView {
+    /// Its version.
+    pub version: u64,
+    /// Its publisher key ids, hex.
+    pub publishers: Vec<String>,
+    /// Its threshold.
+    pub threshold: u32,
+    /// Sequence floors it reset, by model.
+    pub reset_floors: BTreeMap<String, u64>,
+    /// When it was made, Unix seconds.
+    pub issued_at: u64,
+}
+
+/// An agent and the key set it reports.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AgentKeySet {
+    /// Agent id.
+    pub agent: String,
+    /// Key set version it trusts.
+    pub key_set: u64,
+    /// Whether it is connected.
+    pub online: bool,
+}
+
+impl TrustView {
+    /// Builds the view.
+    pub fn new(hub: &Hub) -> Self {
+        let (keys, chain) = hub.trust();
+        let version = keys.map(|k| k.version());
+        let publishers = keys
+            .map(|k| {
+                k.publishers()
+                    .iter()
+                    .map(|p| PublisherView {
+                        id: p.id().0.to_hex(),
+                        pem: p.to_pem().unwrap_or_default(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let key_sets = chain
+            .iter()
+            .filter_map(|signed| signed.key_set().ok())
+            .map(|set| KeySetView {
+                version: set.version,
+                publishers: set.publishers.iter().map(|p| p.id().0.to_hex()).collect(),
+                threshold: set.threshold,
+                reset_floors: set.reset_floors,
+                issued_at: set.issued_at,
+            })
+            .collect();
+        let behind = hub
+            .all_agents()
+            .filter(|a| version.is_some_and(|v| a.key_set < v))
+            .map(|a| AgentKeySet {
+                agent: a.id.clone(),
+                key_set: a.key_set,
+                online: a.online,
+            })
+            .collect();
+        Self {
+            version,
+            threshold: keys.map(|k| k.threshold()),
+            publishers,
+            key_sets,
+            behind,
+        }
+    }
+}
+
 /// Fleet counts.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct FleetSummary {

@@ -1,0 +1,305 @@
+//! Replacing the fleet's publisher keys: key sets made and signed with the CLI, pushed to a
+//! real control plane, and followed by real agents over the embedded broker.
+
+use std::path::Path;
+
+use flotilla_shared::{KeySet, SecretKey, SignedKeySet};
+use flotilla_tests::fleet::{Fleet, ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN};
+use flotilla_tests::procs::MODEL;
+use flotilla_tests::{pack_signed_with, run_flotilla, set_release, write_public_key};
+use serde_json::{json, Value};
+
+fn release(key: &SecretKey, version: &str, sequence: u64) -> Vec<u8> {
+    pack_signed_with(MODEL, key, |dir| set_release(dir, version, sequence))
+}
+
+/// Key set `version` trusting `keys` (threshold 1), signed by `signers`.
+fn key_set(version: u64, keys: &[&SecretKey], signers: &[&SecretKey]) -> Vec<u8> {
+    let set = KeySet::new(
+        version,
+        keys.iter().map(|k| k.public()).collect(),
+        1,
+        1_800_000_000,
+    );
+    let mut signed = SignedKeySet::new(&set);
+    for key in signers {
+        signed.add_signature(key);
+    }
+    signed.encode()
+}
+
+fn write_secret_key(dir: &Path, name: &str, key: &SecretKey) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.key"));
+    std::fs::write(&path, key.to_pem().expect("pem")).expect("write secret key");
+    path
+}
+
+/// Waits until the server trusts key set `version` and every agent reports it.
+async fn wait_caught_up(fleet: &Fleet, version: u64) -> Value {
+    fleet
+        .wait_api("/trust", |t| {
+            t["version"] == version && t["behind"].as_array().is_some_and(Vec::is_empty)
+        })
+        .await
+}
+
+async fn events(fleet: &Fleet, kind: &str) -> Vec<Value> {
+    let (_, page) = fleet
+        .get(&format!("/events?kind={kind}"), Some(VIEWER_TOKEN))
+        .await;
+    page["events"].as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_key_set_reaches_every_agent_and_retires_the_old_key() {
+    let mut fleet = Fleet::start().await;
+    let agents = ["edge-1", "edge-2"];
+    for id in agents {
+        fleet.start_agent(id, &[("site", "a")]);
+    }
+    fleet.wait_online(&agents).await;
+    let old = SecretKey::from_seed([11; 32]);
+    assert_eq!(old.public(), fleet.keys.publisher.public());
+    let fresh = SecretKey::from_seed([33; 32]);
+    fleet.upload(release(&old, "1.0.0", 1)).await;
+    fleet.roll_out_everywhere("1.0.0").await;
+    let trust = wait_caught_up(&fleet, 1).await;
+    assert_eq!(trust["key_sets"], json!([]), "{trust:#}");
+
+    // Key set 2, made, signed and pushed with the CLI: the old key and a fresh one.
+    let dir = fleet.dir.path().to_owned();
+    let fresh_pub = write_public_key(&dir, "fresh", &fresh);
+    let old_key = write_secret_key(&dir, "old", &old);
+    let fresh_key = write_secret_key(&dir, "fresh", &fresh);
+    let file = dir.join("key-set-2.fks");
+    let server = fleet.server().api_url.clone();
+    let (ok, out, err) = run_flotilla(&[
+        "keyset".as_ref(),
+        "new".as_ref(),
+        "--version".as_ref(),
+        "2".as_ref(),
+        "--publisher".as_ref(),
+        dir.join("publisher.pub").as_os_str(),
+        "--publisher".as_ref(),
+        fresh_pub.as_os_str(),
+        "--out".as_ref(),
+        file.as_os_str(),
+    ]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = run_flotilla(&[
+        "keyset".as_ref(),
+        "sign".as_ref(),
+        file.as_os_str(),
+        "--key".as_ref(),
+        old_key.as_os_str(),
+        "--key".as_ref(),
+        fresh_key.as_os_str(),
+    ]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = run_flotilla(&["keyset".as_ref(), "show".as_ref(), file.as_os_str()]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("key set 2") && out.contains("threshold 1 of 2"),
+        "{out}"
+    );
+    let push = |token: &str| {
+        run_flotilla(&[
+            "keyset".as_ref(),
+            "push".as_ref(),
+            file.as_os_str(),
+            "--server".as_ref(),
+            server.as_ref(),
+            "--token".as_ref(),
+            token.as_ref(),
+        ])
+    };
+    let (ok, _, err) = push(OPERATOR_TOKEN);
+    assert!(!ok && err.contains("403"), "key sets need an admin: {err}");
+    let (ok, out, err) = push(ADMIN_TOKEN);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("key set 2 is trusted now"), "{out}");
+    wait_caught_up(&fleet, 2).await;
+    let (ok, out, err) = run_flotilla(&[
+        "keyset".as_ref(),
+        "status".as_ref(),
+        "--server".as_ref(),
+        server.as_ref(),
+        "--token".as_ref(),
+        VIEWER_TOKEN.as_ref(),
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("trusted: key set 2") && out.contains("every agent reports this key set"),
+        "{out}"
+    );
+
+    // A release signed by the fresh key alone now goes everywhere.
+    fleet.upload(release(&fresh, "2.0.0", 2)).await;
+    fleet.roll_out_everywhere("2.0.0").await;
+
+    // Key set 3 retires the old key; the fresh key is a threshold of key set 2 by itself.
+    let (status, body) = fleet
+        .post(
+            "/trust",
+            key_set(3, &[&fresh], &[&fresh]),
+            Some(ADMIN_TOKEN),
+        )
+        .await;
+    assert_eq!(status, 201, "{body:#}");
+    let trust = wait_caught_up(&fleet, 3).await;
+    assert_eq!(trust["publishers"].as_array().map(Vec::len), Some(1));
+    let applied = events(&fleet, "key_set_applied").await;
+    assert_eq!(applied.len(), 4, "two key sets, two agents: {applied:#?}");
+    assert!(
+        applied
+            .iter()
+            .all(|e| e["detail"]["kind"]["key_set_applied"]["active_trusted"] == true),
+        "{applied:#?}"
+    );
+
+    let metrics = reqwest::get(format!("http://{}/metrics", fleet.server().api_addr))
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics.contains("flotilla_trusted_key_set 3")
+            && metrics.contains("flotilla_agents_by_key_set{key_set=\"3\"} 2"),
+        "{metrics}"
+    );
+
+    // The old key is refused everywhere: uploads, and rollouts of what it signed.
+    let (status, body) = fleet
+        .post("/bundles", release(&old, "3.0.0", 3), Some(OPERATOR_TOKEN))
+        .await;
+    assert_eq!(status, 400, "{body:#}");
+    assert!(
+        body["error"].as_str().unwrap().contains("unknown keys"),
+        "{body:#}"
+    );
+    let spec = json!({
+        "bundle": format!("{MODEL}@1.0.0"),
+        "selector": "",
+        "waves": [{ "size": { "percent": 100 }, "bake_secs": 0 }],
+    });
+    let (status, body) = fleet
+        .post(
+            "/rollouts",
+            spec.to_string().into_bytes(),
+            Some(OPERATOR_TOKEN),
+        )
+        .await;
+    assert_eq!(status, 400, "{body:#}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("not signed by the publisher keys trusted now (key set 3)"),
+        "{body:#}"
+    );
+
+    // A restarted agent still trusts key set 3 and serves the fresh key's release.
+    fleet.stop_agent("edge-1").await;
+    fleet.start_agent("edge-1", &[("site", "a")]);
+    fleet.wait_version("edge-1", "2.0.0").await;
+    fleet
+        .wait_api("/agents/edge-1", |a| {
+            a["online"] == true && a["key_set"] == 3
+        })
+        .await;
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_set_that_would_strand_agents_is_refused_unless_forced() {
+    let mut fleet = Fleet::start().await;
+    fleet.start_agent("edge-1", &[("site", "a")]);
+    fleet.wait_online(&["edge-1"]).await;
+    let old = SecretKey::from_seed([11; 32]);
+    let fresh = SecretKey::from_seed([33; 32]);
+    fleet.upload(release(&old, "1.0.0", 1)).await;
+    fleet.roll_out_everywhere("1.0.0").await;
+    wait_caught_up(&fleet, 1).await;
+
+    let refused = [
+        (
+            key_set(2, &[&fresh], &[&old, &fresh]),
+            OPERATOR_TOKEN,
+            403,
+            "admin",
+        ),
+        (
+            b"not a key set".to_vec(),
+            ADMIN_TOKEN,
+            400,
+            "malformed key set",
+        ),
+        (
+            key_set(3, &[&fresh], &[&old, &fresh]),
+            ADMIN_TOKEN,
+            409,
+            "key set 2 is missing",
+        ),
+        (
+            key_set(2, &[&fresh], &[&fresh]),
+            ADMIN_TOKEN,
+            400,
+            "by keys of key set 1",
+        ),
+        (
+            key_set(2, &[&fresh], &[&old]),
+            ADMIN_TOKEN,
+            400,
+            "by keys of key set 2",
+        ),
+        (
+            key_set(2, &[&fresh], &[&old, &fresh]),
+            ADMIN_TOKEN,
+            409,
+            "edge-1 (tiny-bert-embed@1.0.0)",
+        ),
+    ];
+    for (body, token, expected, words) in refused {
+        let (status, answer) = fleet.post("/trust", body, Some(token)).await;
+        assert_eq!(status, expected, "{answer:#}");
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(error.contains(words), "{words:?} not in {error:?}");
+    }
+    let trust = wait_caught_up(&fleet, 1).await;
+    assert_eq!(trust["key_sets"], json!([]), "nothing refused was kept");
+
+    let rotation = key_set(2, &[&fresh], &[&old, &fresh]);
+    let (status, body) = fleet
+        .post("/trust?force=true", rotation.clone(), Some(ADMIN_TOKEN))
+        .await;
+    assert_eq!(status, 201, "{body:#}");
+    wait_caught_up(&fleet, 2).await;
+    let (status, body) = fleet.post("/trust", rotation, Some(ADMIN_TOKEN)).await;
+    assert_eq!(status, 409, "{body:#}");
+    assert!(
+        body["error"].as_str().unwrap().contains("not newer"),
+        "{body:#}"
+    );
+
+    let added = events(&fleet, "key_set_added").await;
+    assert!(
+        added[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("forced past 1 agent(s)"),
+        "{added:#?}"
+    );
+    let applied = events(&fleet, "key_set_applied").await;
+    assert!(
+        applied[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the bundle it serves is not signed by them"),
+        "{applied:#?}"
+    );
+    // The agent keeps serving what it had.
+    let agent = fleet.wait_version("edge-1", "1.0.0").await;
+    assert_eq!(agent["key_set"], 2);
+    fleet.shutdown().await;
+}
