@@ -170,7 +170,7 @@ pub async fn run(
     let api = ApiServer::start(&config.api, slot.clone(), metrics.clone()).await?;
 
     let backends = installer.placement().available_backends();
-    let link = start_link(&config, &store, &slot, backends)?;
+    let link = start_link(&config, &installer, &slot, backends)?;
     let (mut incoming, link) = link;
     let outbox = Outbox::open(store.tree("outbox")?, &config.id, config.outbox_capacity)?;
     let delivery = AbortOnDrop(outbox.spawn_delivery(link.clone()));
@@ -241,7 +241,7 @@ pub async fn run(
 
 fn start_link(
     config: &AgentConfig,
-    store: &Store,
+    installer: &Installer,
     slot: &Arc<ModelSlot>,
     backends: Vec<flotilla_shared::manifest::Backend>,
 ) -> Result<(mpsc::Receiver<Incoming>, LinkHandle)> {
@@ -249,12 +249,14 @@ fn start_link(
     let labels = config.labels.clone();
     let birth_slot = slot.clone();
     let birth_id = id.clone();
+    let birth_installer = installer.clone();
     let birth = Arc::new(move |session: u64| {
         let birth = Birth {
             session,
             labels: labels.clone(),
             capabilities: capabilities(backends.clone()),
             active: birth_slot.current().map(|m| m.active()),
+            key_set: birth_installer.trust().key_set,
         };
         Envelope::new(&birth_id, 0, now_ms(), Presence::Online(birth)).encode()
     });
@@ -265,7 +267,7 @@ fn start_link(
 
     let mut link_config = LinkConfig::new(id.clone(), config.broker.clone(), birth, will);
     link_config.subscriptions = vec![topics::agent_desired(&id), topics::trust()];
-    let (handle, incoming) = Link::start(link_config, store.tree("session")?)?;
+    let (handle, incoming) = Link::start(link_config, installer.store().tree("session")?)?;
     Ok((incoming, handle))
 }
 
@@ -395,6 +397,7 @@ fn handle_trust(shared: &Shared, payload: &[u8]) {
             version: accepted.keys.version(),
             publishers: accepted.keys.publishers().iter().map(|k| k.id()).collect(),
             threshold: u32::try_from(accepted.keys.threshold()).unwrap_or(u32::MAX),
+            control_plane: accepted.set.control_plane.map(|k| k.id()),
             reset_floors: accepted.set.reset_floors.keys().cloned().collect(),
             active_trusted,
         };

@@ -226,10 +226,13 @@ impl Installer {
         }
         let keys = &accepted.keys;
         let current = self.trust();
+        if let Some(key) = accepted.set.control_plane {
+            info!(key_set = keys.version(), key = %key.id(), "desired states must now be signed by a new control-plane key");
+        }
         self.trust.store(Arc::new(Trust {
             publishers: keys.publishers().to_vec(),
             threshold: keys.threshold(),
-            control_plane: current.control_plane,
+            control_plane: accepted.set.control_plane.or(current.control_plane),
             key_set: keys.version(),
         }));
         Ok(())

@@ -38,6 +38,7 @@ fn birth(session: u64) -> Vec<u8> {
         labels: BTreeMap::new(),
         capabilities: host::capabilities(vec![Backend::Tract]),
         active: None,
+        key_set: 1,
     };
     Envelope::new(AGENT, session, 0, Presence::Online(birth)).encode()
 }

@@ -30,6 +30,11 @@ pub fn generate(name: &str, dir: &Path) -> Result<KeyPair> {
     fs::create_dir_all(dir)
         .with_context(|| format!("cannot create key directory {}", dir.display()))?;
 
+    write_pair(name, dir, &SecretKey::from_seed(random_seed()?))
+}
+
+/// Writes `key` as `DIR/NAME.key` (0600) and `DIR/NAME.pub`; never overwrites either.
+pub fn write_pair(name: &str, dir: &Path, key: &SecretKey) -> Result<KeyPair> {
     let secret_path = dir.join(format!("{name}.key"));
     let public_path = dir.join(format!("{name}.pub"));
     for path in [&secret_path, &public_path] {
@@ -41,7 +46,6 @@ pub fn generate(name: &str, dir: &Path) -> Result<KeyPair> {
         }
     }
 
-    let key = SecretKey::from_seed(random_seed()?);
     write_new(&secret_path, key.to_pem()?.as_bytes(), 0o600)?;
     write_new(&public_path, key.public().to_pem()?.as_bytes(), 0o644)?;
     Ok(KeyPair {

@@ -12,6 +12,10 @@
 //! fast-forward attack, in which a stolen key signed a release numbered so high that no honest
 //! release could follow it: the set that retires the stolen key resets the floors it pushed up.
 //!
+//! A key set can name a new control-plane key too: the key agents require on desired states
+//! from that set on. The publisher keys vouch for it, so a stolen control-plane key is retired
+//! the same way as a stolen publisher key.
+//!
 //! Signatures cover [`SIGNING_CONTEXT`] followed by the set's CBOR, so no signature over a
 //! key set can pass for one over a manifest or a desired state, nor the other way round.
 
@@ -44,6 +48,8 @@ pub struct KeySet {
     pub publishers: Vec<PublicKey>,
     /// Distinct publisher signatures a bundle needs.
     pub threshold: u32,
+    /// The control plane's key from this set on; `None` keeps the one trusted before.
+    pub control_plane: Option<PublicKey>,
     /// Models whose sequence floor becomes exactly this value (lower or higher) when the set
     /// is applied; every other floor stays.
     pub reset_floors: BTreeMap<String, u64>,
@@ -143,6 +149,7 @@ impl KeySet {
             version,
             publishers,
             threshold,
+            control_plane: None,
             reset_floors: BTreeMap::new(),
             issued_at,
         }
@@ -326,6 +333,17 @@ impl TrustedKeys {
         let threshold = usize::try_from(set.threshold).unwrap_or(usize::MAX);
         let keys = TrustedKeys::new(version, set.publishers.clone(), threshold)?;
         keys.count(version, &message, signed)?;
+        if let Some(key) = &set.control_plane {
+            if keys.publishers.contains(key) {
+                return Err(KeySetError::Invalid {
+                    version,
+                    reason: format!(
+                        "control-plane key {} is also a publisher key; the two roles need separate keys",
+                        key.id()
+                    ),
+                });
+            }
+        }
         for name in set.reset_floors.keys() {
             check_model_name(name).map_err(|reason| KeySetError::Invalid {
                 version,

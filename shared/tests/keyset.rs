@@ -86,6 +86,16 @@ fn a_set_its_own_keys_did_not_sign_is_refused() {
 }
 
 #[test]
+fn a_set_can_name_a_new_control_plane_key() {
+    let mut next = set(2, &[1, 2], 2);
+    next.control_plane = Some(key(7).public());
+    let accepted = root().next(&signed(&next, &[1, 2])).unwrap();
+    assert_eq!(accepted.set.control_plane, Some(key(7).public()));
+    let round_trip = SignedKeySet::decode(&signed(&next, &[1]).encode()).unwrap();
+    assert_eq!(round_trip.key_set().unwrap(), next);
+}
+
+#[test]
 fn one_key_signing_twice_counts_once() {
     let next = set(2, &[1, 2], 2);
     let mut twice = signed(&next, &[1]);
@@ -240,6 +250,11 @@ fn sets_that_contradict_themselves_are_invalid() {
     bad_floor.reset_floors.insert("../escape".into(), 3);
     let err = root().next(&signed(&bad_floor, &[1, 2])).unwrap_err();
     assert!(err.to_string().contains("reset_floors"), "{err}");
+
+    let mut both_roles = set(2, &[1, 2], 1);
+    both_roles.control_plane = Some(key(2).public());
+    let err = root().next(&signed(&both_roles, &[1, 2])).unwrap_err();
+    assert!(err.to_string().contains("also a publisher key"), "{err}");
 
     let mut future = set(2, &[1, 2], 1);
     future.format_version = 9;

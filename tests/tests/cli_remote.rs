@@ -189,6 +189,7 @@ impl Fixture {
                 agent_version: "0.1.0".into(),
             },
             active: None,
+            key_set: 1,
         };
         let payload = Envelope::new(id, 1, unix_ms(), Presence::Online(birth)).encode();
         let server = self.server.as_ref().expect("server running");

@@ -303,3 +303,279 @@ async fn a_key_set_that_would_strand_agents_is_refused_unless_forced() {
     assert_eq!(agent["key_set"], 2);
     fleet.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_set_moves_the_fleet_to_a_new_control_plane_key() {
+    let mut fleet = Fleet::start().await;
+    let agents = ["edge-1", "edge-2"];
+    for id in agents {
+        fleet.start_agent(id, &[("site", "a")]);
+    }
+    fleet.wait_online(&agents).await;
+    let publisher = SecretKey::from_seed([11; 32]);
+    fleet.upload(release(&publisher, "1.0.0", 1)).await;
+    fleet.roll_out_everywhere("1.0.0").await;
+    wait_caught_up(&fleet, 1).await;
+    let server_dir = fleet.server_dir();
+    let first_key = SecretKey::from_pem(
+        &std::fs::read_to_string(server_dir.join("control-plane.key")).expect("first key"),
+    )
+    .expect("first key parses");
+
+    // A set naming a key the server cannot sign with is refused, and says what to do.
+    let mut unknown = KeySet::new(2, vec![publisher.public()], 1, 1_800_000_000);
+    unknown.control_plane = Some(SecretKey::from_seed([44; 32]).public());
+    let mut signed = SignedKeySet::new(&unknown);
+    signed.add_signature(&publisher);
+    let (status, body) = fleet
+        .post("/trust", signed.encode(), Some(ADMIN_TOKEN))
+        .await;
+    assert_eq!(status, 409, "{body:#}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("flotilla server new-key"),
+        "{body:#}"
+    );
+
+    // The operator makes the key in the server's data directory and names it in key set 2,
+    // while edge-2 is away.
+    fleet.stop_agent("edge-2").await;
+    let (ok, out, err) = run_flotilla(&[
+        "server".as_ref(),
+        "new-key".as_ref(),
+        "--data-dir".as_ref(),
+        server_dir.as_os_str(),
+    ]);
+    assert!(ok, "{out}{err}");
+    let new_pub = out
+        .lines()
+        .find_map(|l| l.strip_prefix("public key  "))
+        .expect("the public key file is named")
+        .to_owned();
+    let file = fleet.dir.path().join("key-set-2.fks");
+    let (ok, out, err) = run_flotilla(&[
+        "keyset".as_ref(),
+        "new".as_ref(),
+        "--version".as_ref(),
+        "2".as_ref(),
+        "--publisher".as_ref(),
+        fleet.dir.path().join("publisher.pub").as_os_str(),
+        "--control-plane".as_ref(),
+        new_pub.as_ref(),
+        "--out".as_ref(),
+        file.as_os_str(),
+    ]);
+    assert!(ok, "{out}{err}");
+    let mut key_set_2 = SignedKeySet::decode(&std::fs::read(&file).unwrap()).unwrap();
+    key_set_2.add_signature(&publisher);
+    let (status, body) = fleet
+        .post("/trust", key_set_2.encode(), Some(ADMIN_TOKEN))
+        .await;
+    assert_eq!(status, 201, "{body:#}");
+    let trust = fleet
+        .wait_api("/trust", |t| {
+            t["behind"].as_array().is_some_and(|b| b.len() == 1) && t["version"] == 2
+        })
+        .await;
+    assert_eq!(trust["behind"][0]["agent"], "edge-2", "{trust:#}");
+    let new_pem = std::fs::read_to_string(&new_pub).unwrap();
+    let (_, served) = fleet.get("/server/key", Some(VIEWER_TOKEN)).await;
+    assert_eq!(
+        served.as_str(),
+        Some(new_pem.as_str()),
+        "the newest key is handed out"
+    );
+
+    // edge-1 is sent desired states signed with the new key. edge-2 returns still trusting
+    // the first key, is sent its state signed with that, learns key set 2, and from then on
+    // is sent states signed with the new key: the rollout completes on both.
+    fleet.upload(release(&publisher, "2.0.0", 2)).await;
+    let rollout = fleet
+        .rollout(json!({
+            "bundle": format!("{MODEL}@2.0.0"),
+            "selector": "",
+            "waves": [{ "size": { "percent": 100 }, "bake_secs": 0 }],
+        }))
+        .await;
+    fleet.wait_version("edge-1", "2.0.0").await;
+    fleet.start_agent("edge-2", &[("site", "a")]);
+    fleet
+        .wait_rollout(&rollout, |r| r["state"] == "completed")
+        .await;
+    wait_caught_up(&fleet, 2).await;
+
+    // Deterministically: a device that reports key set 1 is sent its state signed with the
+    // first key, and signed again with the new one once it reports key set 2.
+    let first_id = first_key.public().id();
+    let new_id = flotilla_shared::PublicKey::from_pem(&new_pem).unwrap().id();
+    let mut device = FakeDevice::connect(&fleet, "edge-old").await;
+    device.publish_birth(1).await;
+    assert_eq!(device.next_signer().await, first_id);
+    device.report_key_set(2, new_id).await;
+    assert_eq!(device.next_signer().await, new_id);
+    device.leave(&fleet).await;
+
+    // A restarted server and agent keep to the new key.
+    fleet.stop_server().await;
+    fleet.restart_server_on_broker().await;
+    fleet.stop_agent("edge-1").await;
+    fleet.start_agent("edge-1", &[("site", "a")]);
+    fleet.wait_online(&["edge-1"]).await;
+    fleet.upload(release(&publisher, "3.0.0", 3)).await;
+    fleet.roll_out_everywhere("3.0.0").await;
+    let before = events(&fleet, "desired_state_rejected").await.len();
+
+    // The first key no longer moves an agent.
+    let stale = flotilla_shared::wire::DesiredState {
+        agent: "edge-2".into(),
+        generation: 1_000,
+        bundle: None,
+        rollout: None,
+        issued_at_ms: 0,
+    };
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(fleet.mqtt_options("intruder"), 16);
+    tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    let message = flotilla_shared::wire::Envelope::new(
+        "control-plane",
+        1,
+        0,
+        flotilla_shared::wire::SignedDesiredState::sign(&stale, &first_key),
+    );
+    client
+        .publish(
+            flotilla_shared::wire::topics::agent_desired("edge-2"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            message.encode(),
+        )
+        .await
+        .unwrap();
+    let rejected = fleet
+        .wait_api("/events?kind=desired_state_rejected", |page| {
+            page["events"].as_array().is_some_and(|e| e.len() > before)
+        })
+        .await;
+    let last = &rejected["events"][before];
+    assert_eq!(last["agent"], "edge-2", "{rejected:#}");
+    assert!(
+        last["message"].as_str().unwrap().contains("unknown key"),
+        "{rejected:#}"
+    );
+    fleet.shutdown().await;
+}
+
+/// An MQTT client playing an agent that reports whatever key set the test says, and watches
+/// who signs the desired states sent to it.
+struct FakeDevice {
+    id: &'static str,
+    client: rumqttc::AsyncClient,
+    desired: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+}
+
+impl FakeDevice {
+    async fn connect(fleet: &Fleet, id: &'static str) -> Self {
+        use flotilla_shared::wire::topics;
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(fleet.mqtt_options(id), 16);
+        let (tx, desired) = tokio::sync::mpsc::unbounded_channel();
+        let topic = topics::agent_desired(id);
+        let watched = topic.clone();
+        tokio::spawn(async move {
+            while let Ok(event) = eventloop.poll().await {
+                if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = event {
+                    if p.topic == watched {
+                        let _ = tx.send(p.payload.to_vec());
+                    }
+                }
+            }
+        });
+        client
+            .subscribe(topic, rumqttc::QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        Self {
+            id,
+            client,
+            desired,
+        }
+    }
+
+    async fn send(&self, topic: String, payload: Vec<u8>) {
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+
+    /// Comes online with no model, trusting `key_set`: a newcomer the server gives a release.
+    async fn publish_birth(&self, key_set: u64) {
+        use flotilla_shared::wire::{topics, Birth, Envelope, Presence};
+        let birth = Birth {
+            session: 1,
+            labels: [("site".to_owned(), "a".to_owned())].into(),
+            capabilities: flotilla_agent::host::capabilities(vec![
+                flotilla_shared::manifest::Backend::Tract,
+            ]),
+            active: None,
+            key_set,
+        };
+        let message = Envelope::new(self.id, 0, 0, Presence::Online(birth)).encode();
+        self.send(topics::agent_state(self.id), message).await;
+    }
+
+    /// Says it applied key set `version`, which names `control_plane`.
+    async fn report_key_set(&self, version: u64, control_plane: flotilla_shared::KeyId) {
+        use flotilla_shared::wire::{topics, Envelope, Event, EventKind, Telemetry};
+        let event = Event {
+            session: 1,
+            rollout: None,
+            digest: None,
+            kind: EventKind::KeySetApplied {
+                version,
+                publishers: vec![],
+                threshold: 1,
+                control_plane: Some(control_plane),
+                reset_floors: vec![],
+                active_trusted: true,
+            },
+        };
+        let message = Envelope::new(self.id, 1, 0, Telemetry::Event(event)).encode();
+        self.send(topics::agent_telemetry(self.id), message).await;
+    }
+
+    /// Goes offline and is forgotten, so later rollouts do not wait for it.
+    async fn leave(&self, fleet: &Fleet) {
+        use flotilla_shared::wire::{topics, Envelope, Presence};
+        let message = Envelope::new(self.id, 0, 0, Presence::Offline { session: 1 }).encode();
+        self.send(topics::agent_state(self.id), message).await;
+        fleet
+            .wait_api(&format!("/agents/{}", self.id), |a| a["online"] == false)
+            .await;
+        let url = format!(
+            "http://{}/api/v1/agents/{}",
+            fleet.server().api_addr,
+            self.id
+        );
+        let answer = reqwest::Client::new()
+            .delete(url)
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("server answers");
+        assert_eq!(answer.status(), 204, "{:?}", answer.text().await);
+    }
+
+    /// The key that signed the next desired state sent to it.
+    async fn next_signer(&mut self) -> flotilla_shared::KeyId {
+        use flotilla_shared::wire::{Envelope, SignedDesiredState};
+        let payload = tokio::time::timeout(std::time::Duration::from_secs(30), self.desired.recv())
+            .await
+            .expect("a desired state arrives")
+            .expect("watcher running");
+        Envelope::<SignedDesiredState>::decode(&payload)
+            .expect("a desired state")
+            .body
+            .key_id
+    }
+}

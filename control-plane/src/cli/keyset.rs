@@ -34,6 +34,7 @@ pub(super) struct NewArgs {
     pub version: u64,
     pub publishers: Vec<PathBuf>,
     pub threshold: u32,
+    pub control_plane: Option<PathBuf>,
     pub reset_floors: Vec<(String, u64)>,
     pub out: PathBuf,
 }
@@ -50,6 +51,17 @@ pub(super) fn new(args: &NewArgs) -> Result<()> {
     // The same rules an agent applies, before anything is written.
     TrustedKeys::new(args.version, publishers.clone(), args.threshold as usize)?;
     let mut set = KeySet::new(args.version, publishers, args.threshold, now());
+    set.control_plane = args
+        .control_plane
+        .as_deref()
+        .map(keyfile::load_public)
+        .transpose()?;
+    if let Some(key) = set.control_plane.filter(|k| set.publishers.contains(k)) {
+        bail!(
+            "control-plane key {} is also a publisher key; the two roles need separate keys",
+            key.id()
+        );
+    }
     set.reset_floors = args
         .reset_floors
         .iter()
@@ -117,6 +129,7 @@ pub(super) fn show(file: &Path, as_json: bool) -> Result<()> {
             "version": set.version,
             "publishers": publishers,
             "threshold": set.threshold,
+            "control_plane": set.control_plane.map(|k| k.id().0.to_hex()),
             "reset_floors": set.reset_floors,
             "issued_at": set.issued_at,
             "signatures": signers,
@@ -134,6 +147,12 @@ pub(super) fn show(file: &Path, as_json: bool) -> Result<()> {
     );
     for id in &publishers {
         text.push_str(&format!("  {id}\n"));
+    }
+    if let Some(key) = &set.control_plane {
+        text.push_str(&format!(
+            "control-plane key from this set on: {}\n",
+            key.id().0.to_hex()
+        ));
     }
     if !set.reset_floors.is_empty() {
         text.push_str("resets sequence floors:\n");

@@ -75,8 +75,8 @@ pub enum Command {
     /// Run the control plane (embedded MQTT broker unless --broker), make API tokens, or
     /// restore a backup.
     Server {
-        /// `token` to make an API token, `restore` to restore a backup; nothing to run the
-        /// server.
+        /// `token` to make an API token, `new-key` to make a control-plane key, `restore` to
+        /// restore a backup; nothing to run the server.
         #[command(subcommand)]
         command: Option<ServerCommand>,
         /// Flags for running the server.
@@ -96,6 +96,14 @@ pub enum ServerCommand {
         /// viewer (read), operator (bundles and rollouts) or admin.
         #[arg(long, value_parser = parse_role)]
         role: crate::server::config::Role,
+    },
+    /// Make a new control-plane key in a server's data directory, for a key set to move the
+    /// fleet to (`flotilla keyset new --control-plane`); the running server picks it up when
+    /// that key set is pushed.
+    NewKey {
+        /// The server's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
     },
     /// Restore a backup made by `flotilla backup` into a data directory that holds no
     /// database yet; then start the server on it. With --check, only check the file.
@@ -204,6 +212,10 @@ pub enum KeysetCommand {
         /// Distinct publisher signatures a bundle needs.
         #[arg(long, default_value_t = 1)]
         threshold: u32,
+        /// Public key file of a new control-plane key (`flotilla server new-key`): agents
+        /// require it on desired states from this set on.
+        #[arg(long, value_name = "PUB")]
+        control_plane: Option<PathBuf>,
         /// MODEL=SEQ: every agent's sequence floor for MODEL becomes SEQ, to recover from a
         /// release numbered too high by a key this set retires; repeat for several models.
         #[arg(long = "reset-floor", value_name = "MODEL=SEQ", value_parser = keyset::parse_floor)]
@@ -394,6 +406,10 @@ pub fn run(cli: Cli) -> Result<()> {
             ..
         } => server::token(&name, role),
         Command::Server {
+            command: Some(ServerCommand::NewKey { data_dir }),
+            ..
+        } => server::new_key(&data_dir),
+        Command::Server {
             command:
                 Some(ServerCommand::Restore {
                     file,
@@ -418,12 +434,14 @@ fn run_keyset(command: KeysetCommand) -> Result<()> {
             version,
             publishers,
             threshold,
+            control_plane,
             reset_floors,
             out,
         } => keyset::new(&keyset::NewArgs {
             version,
             publishers,
             threshold,
+            control_plane,
             reset_floors,
             out,
         }),

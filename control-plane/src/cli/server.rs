@@ -186,6 +186,21 @@ pub fn token(name: &str, role: Role) -> Result<()> {
     Ok(())
 }
 
+/// Makes a control-plane key for a key set to move to, in the server's data directory.
+pub fn new_key(data_dir: &Path) -> Result<()> {
+    let pair = crate::server::new_key(data_dir)?;
+    println!("secret key  {}", pair.secret.display());
+    println!("public key  {}", pair.public.display());
+    println!("key id      {}", pair.id);
+    println!();
+    println!(
+        "the server signs with it once a key set names it: \
+         `flotilla keyset new --control-plane {} ...`, signed by the publisher keys, then pushed",
+        pair.public.display()
+    );
+    Ok(())
+}
+
 /// Restores a backup into `data_dir` and says what still has to be copied by hand.
 pub fn restore(file: &Path, data_dir: &Path) -> Result<()> {
     let summary = crate::server::backup::restore(file, data_dir)?;
@@ -195,9 +210,10 @@ pub fn restore(file: &Path, data_dir: &Path) -> Result<()> {
     if !key.exists() {
         println!();
         println!(
-            "copy the old data directory's control-plane.key (and .pub) to {} before starting \
-             the server: agents trust only that key, and a server without it makes a new one \
-             whose desired states every agent refuses",
+            "copy the old data directory's control-plane.key (and .pub), and any \
+             control-plane-ID.key a key set moved to, to {} before starting the server: agents \
+             trust only those keys, and a server without them makes a new one whose desired \
+             states every agent refuses",
             data_dir.display()
         );
     }

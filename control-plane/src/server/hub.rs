@@ -7,6 +7,7 @@
 //! [`Store`] before returning; API handlers then [`Store::flush`] before answering.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use flotilla_shared::keyset::Accepted;
@@ -15,7 +16,9 @@ use flotilla_shared::wire::{
     topics, DesiredBundle, DesiredState, Envelope, Event, EventKind, Heartbeat, Presence,
     SignedDesiredState, Telemetry, TrustChain,
 };
-use flotilla_shared::{KeySetError, SecretKey, Sha256Digest, SignedKeySet, TrustedKeys};
+use flotilla_shared::{
+    KeyId, KeySetError, PublicKey, SecretKey, Sha256Digest, SignedKeySet, TrustedKeys,
+};
 use tokio::sync::mpsc;
 
 use super::registry::{AgentRecord, PresenceChange, Sequence};
@@ -83,7 +86,15 @@ pub enum Steer {
 /// The server's state.
 pub struct Hub {
     store: Store,
-    key: SecretKey,
+    /// Every control-plane key the chain has used, the first one included.
+    keys: BTreeMap<KeyId, SecretKey>,
+    /// The first control-plane key: what agents on no key set, or one before any change,
+    /// trust.
+    first_key: KeyId,
+    /// Key set versions that named a new control-plane key, in order.
+    key_changes: Vec<(u64, KeyId)>,
+    /// Where control-plane keys live (the data directory).
+    key_dir: PathBuf,
     /// The publisher keys trusted now (`None`: none configured, every upload is refused).
     trust: Option<TrustedKeys>,
     /// The key sets that followed the configured keys, oldest first; what agents are sent.
@@ -120,6 +131,8 @@ pub struct HubSettings {
     pub threshold: usize,
     /// Which key set `publishers` and `threshold` are.
     pub key_set: u64,
+    /// Where the keys named by key sets are (`control-plane-ID.key`).
+    pub key_dir: PathBuf,
     /// Silence after which an agent counts as offline, milliseconds.
     pub agent_timeout_ms: u64,
     /// Whether agents with no desired state are given the fleet's current release (see
@@ -155,10 +168,32 @@ impl Hub {
             .into_iter()
             .map(|r| (r.id().to_owned(), r))
             .collect();
-        let (trust, key_sets) = load_trust(&store, &settings)?;
+        let (trust, accepted) = load_trust(&store, &settings)?;
+        let first_key = settings.key.public().id();
+        let mut keys = BTreeMap::from([(first_key, settings.key)]);
+        let mut key_changes = Vec::new();
+        for set in accepted.iter().map(|a| &a.set) {
+            let Some(public) = set.control_plane else {
+                continue;
+            };
+            if let std::collections::btree_map::Entry::Vacant(slot) = keys.entry(public.id()) {
+                slot.insert(load_next_key(&settings.key_dir, &public).with_context(|| {
+                    format!(
+                        "key set {} names control-plane key {}",
+                        set.version,
+                        public.id()
+                    )
+                })?);
+            }
+            key_changes.push((set.version, public.id()));
+        }
+        let key_sets = accepted.into_iter().map(|a| a.signed).collect();
         Ok(Self {
             store,
-            key: settings.key,
+            keys,
+            first_key,
+            key_changes,
+            key_dir: settings.key_dir,
             trust,
             key_sets,
             agent_timeout_ms: settings.agent_timeout_ms,
@@ -239,12 +274,14 @@ impl Hub {
             .agents
             .entry(agent.to_owned())
             .or_insert_with(|| AgentRecord::new(agent, now_ms));
+        let key_set = record.key_set;
         let change = match &presence {
             Presence::Online(birth) => record.on_birth(birth, now_ms),
             Presence::Offline { session } => record.on_offline(*session, now_ms),
         };
         let record = record.clone();
         self.store.put_agent(&record)?;
+        self.key_set_reported(agent, key_set);
         self.presence_changed(&record, change, now_ms)
     }
 
@@ -384,9 +421,11 @@ impl Hub {
             .agents
             .get_mut(agent)
             .expect("invariant: record made by on_telemetry");
+        let key_set = record.key_set;
         let change = record.on_heartbeat(heartbeat, now_ms);
         let record = record.clone();
         self.store.put_agent(&record)?;
+        self.key_set_reported(agent, key_set);
         if let Some(change) = change {
             self.presence_changed(&record, change, now_ms)?;
         }
@@ -402,6 +441,7 @@ impl Hub {
             .agents
             .get_mut(agent)
             .expect("invariant: record made by on_telemetry");
+        let key_set = record.key_set;
         match &event.kind {
             EventKind::Started { active } => record.active = active.clone(),
             EventKind::KeySetApplied { version, .. } => record.key_set = *version,
@@ -409,6 +449,7 @@ impl Hub {
         }
         let record = record.clone();
         self.store.put_agent(&record)?;
+        self.key_set_reported(agent, key_set);
         let (kind, message) = describe_event(agent, &event.kind);
         self.log(
             Some(agent),
@@ -486,6 +527,36 @@ impl Hub {
 
     // ---- key sets ----------------------------------------------------------------------
 
+    /// The control-plane key agents on the newest key set require; what `GET /server/key`
+    /// hands out for configuring new agents.
+    pub fn control_plane_key(&self) -> PublicKey {
+        self.signing_key(u64::MAX).public()
+    }
+
+    /// The key desired states are signed with for an agent that trusts `key_set`: the one the
+    /// newest set up to it named, else the first.
+    fn signing_key(&self, key_set: u64) -> &SecretKey {
+        let id = self
+            .key_changes
+            .iter()
+            .take_while(|(version, _)| *version <= key_set)
+            .last()
+            .map_or(self.first_key, |(_, id)| *id);
+        &self.keys[&id]
+    }
+
+    /// After an agent reported the key set it trusts: when that moves it to another
+    /// control-plane key, its desired state is signed again with that key and republished.
+    fn key_set_reported(&mut self, agent: &str, before: u64) {
+        let Some(after) = self.agents.get(agent).map(|a| a.key_set) else {
+            return;
+        };
+        let moved = self.signing_key(before).public() != self.signing_key(after).public();
+        if let (true, Some(state)) = (moved, self.desired.get(agent).cloned()) {
+            self.publish_desired(&state);
+        }
+    }
+
     /// The publisher keys trusted now, and the key sets that led to them, oldest first.
     pub fn trust(&self) -> (Option<&TrustedKeys>, &[SignedKeySet]) {
         (self.trust.as_ref(), &self.key_sets)
@@ -558,7 +629,28 @@ impl Hub {
             )));
         }
         let version = accepted.keys.version();
+        let new_key = match accepted.set.control_plane {
+            Some(public) if !self.keys.contains_key(&public.id()) => {
+                let key = load_next_key(&self.key_dir, &public).map_err(|e| {
+                    HubError::Conflict(format!(
+                        "key set {version} names control-plane key {}, which this server cannot sign with: {e:#}. \
+                         Make the key with `flotilla server new-key` on the server's data directory and name the .pub it writes",
+                        public.id()
+                    ))
+                })?;
+                Some(key)
+            }
+            _ => None,
+        };
         self.store.put_key_set(version, &accepted.signed)?;
+        if let Some(key) = new_key {
+            self.keys.insert(key.public().id(), key);
+        }
+        if let Some(public) = accepted.set.control_plane {
+            // Agents still on an older set keep getting states signed with the key they
+            // trust; each moves to this one as it reports the new set.
+            self.key_changes.push((version, public.id()));
+        }
         self.key_sets.push(accepted.signed.clone());
         self.trust = Some(accepted.keys.clone());
         self.publish_trust();
@@ -930,7 +1022,8 @@ impl Hub {
     }
 
     fn publish_desired(&mut self, state: &DesiredState) {
-        let signed = SignedDesiredState::sign(state, &self.key);
+        let key_set = self.agents.get(&state.agent).map_or(0, |a| a.key_set);
+        let signed = SignedDesiredState::sign(state, self.signing_key(key_set));
         self.seq += 1;
         let envelope = Envelope::new(SERVER_ID, self.seq, state.issued_at_ms, signed);
         let _ = self.out.send(Outgoing {
@@ -977,7 +1070,7 @@ enum Drop {
 fn load_trust(
     store: &Store,
     settings: &HubSettings,
-) -> Result<(Option<TrustedKeys>, Vec<SignedKeySet>)> {
+) -> Result<(Option<TrustedKeys>, Vec<Accepted>)> {
     let kept = store.key_sets()?;
     if settings.publishers.is_empty() {
         if !kept.is_empty() {
@@ -986,7 +1079,7 @@ fn load_trust(
                 kept.len()
             );
         }
-        return Ok((None, kept));
+        return Ok((None, Vec::new()));
     }
     let configured = TrustedKeys::new(
         settings.key_set,
@@ -1005,8 +1098,17 @@ fn load_trust(
         .accepted
         .last()
         .map_or(configured, |a| a.keys.clone());
-    let chain = followed.accepted.into_iter().map(|a| a.signed).collect();
-    Ok((Some(trust), chain))
+    Ok((Some(trust), followed.accepted))
+}
+
+/// The secret half of a control-plane key a key set names, from `DIR/control-plane-ID.key`.
+fn load_next_key(dir: &std::path::Path, public: &PublicKey) -> Result<SecretKey> {
+    let path = super::next_key_path(dir, &public.id());
+    let key = crate::keyfile::load_secret(&path)?;
+    if key.public() != *public {
+        anyhow::bail!("{} holds another key", path.display());
+    }
+    Ok(key)
 }
 
 /// The key ids that signed a bundle, as its record keeps them.

@@ -64,7 +64,8 @@ pub struct RunningServer {
     pub api_url: String,
     /// Where the embedded broker listens, when there is one.
     pub mqtt_addr: Option<SocketAddr>,
-    /// The key agents must trust for desired states.
+    /// The key agents on the newest key set must trust for desired states, as of the start
+    /// (`control-plane.pub` until a key set names another).
     pub public_key: PublicKey,
     /// The generated admin token, when the config named no token.
     pub admin_token: Option<String>,
@@ -119,7 +120,6 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     let key = server_key(&config.data_dir)?;
-    let public_key = key.public();
     let (tokens, admin_token) = api_tokens(&config)?;
     let publishers = config.publisher_keys()?;
     if publishers.is_empty() {
@@ -151,12 +151,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
             publishers,
             threshold: config.trust.threshold,
             key_set: config.trust.key_set,
+            key_dir: config.data_dir.clone(),
             agent_timeout_ms: config.agent_timeout().as_millis() as u64,
             assign_new_agents: config.assign_new_agents,
         },
         out_tx,
         unix_ms(),
     )?;
+    let public_key = hub.control_plane_key();
     let hub = Arc::new(Mutex::new(hub));
     let (shutdown, shutdown_rx) = watch::channel(false);
     let stats = Arc::new(mqtt::MqttStats::default());
@@ -178,7 +180,6 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
         metrics: Arc::new(metrics::ServerMetrics::new()),
         mqtt: stats,
         max_upload_bytes: usize::try_from(config.max_upload_bytes).unwrap_or(usize::MAX),
-        public_key_pem: public_key.to_pem()?,
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -264,6 +265,21 @@ async fn run_clock(hub: Arc<Mutex<Hub>>, mut shutdown: watch::Receiver<bool>) {
 /// Where the server's signing key lives in `data_dir`.
 pub fn key_path(data_dir: &Path) -> PathBuf {
     data_dir.join(format!("{KEY_NAME}.key"))
+}
+
+/// Where a control-plane key that a key set moves to lives: `DATA_DIR/control-plane-ID.key`,
+/// named by the start of its key id.
+pub fn next_key_path(data_dir: &Path, id: &flotilla_shared::KeyId) -> PathBuf {
+    data_dir.join(format!("{KEY_NAME}-{id}.key"))
+}
+
+/// Makes a control-plane key for a key set to move to (`flotilla server new-key`): written
+/// beside the first one as `control-plane-ID.key` (0600) and `.pub`. The server signs with it
+/// only once a key set naming it is pushed, and then only for agents that trust that set.
+pub fn new_key(data_dir: &Path) -> Result<keyfile::KeyPair> {
+    let key = SecretKey::from_seed(keyfile::random_seed()?);
+    let name = format!("{KEY_NAME}-{}", key.public().id());
+    keyfile::write_pair(&name, data_dir, &key)
 }
 
 /// The server's signing key: `DATA_DIR/control-plane.key`, made (0600, with the `.pub`

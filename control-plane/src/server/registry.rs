@@ -129,6 +129,7 @@ impl AgentRecord {
             self.labels = birth.labels.clone();
             self.capabilities = Some(birth.capabilities.clone());
             self.active = birth.active.clone();
+            self.key_set = birth.key_set;
         }
         self.session = birth.session;
         self.last_seen_ms = now_ms;
@@ -243,6 +244,7 @@ mod tests {
                 agent_version: "0.1.0".into(),
             },
             active: None,
+            key_set: 1,
         }
     }
 

@@ -50,6 +50,10 @@ pub struct Birth {
     pub capabilities: Capabilities,
     /// Model being served, if any.
     pub active: Option<ActiveModel>,
+    /// Version of the publisher key set the agent trusts (0 from agents that predate key
+    /// sets), so the control plane signs its desired states with the key that set names.
+    #[serde(default)]
+    pub key_set: u64,
 }
 
 /// Host and agent capabilities.
@@ -317,6 +321,8 @@ pub enum EventKind {
         publishers: Vec<KeyId>,
         /// Distinct signatures a bundle needs from now on.
         threshold: u32,
+        /// The control-plane key it named, if it named one.
+        control_plane: Option<KeyId>,
         /// Models whose sequence floor it reset.
         reset_floors: Vec<String>,
         /// Whether the bundle being served is signed by the new keys. When it is not, it keeps

@@ -55,10 +55,20 @@ fn describe(trust: &Value) -> String {
     for key in trust["publishers"].as_array().into_iter().flatten() {
         text.push_str(&format!("  {}\n", key["id"].as_str().unwrap_or("?")));
     }
+    text.push_str(&format!(
+        "control-plane key: {}\n",
+        trust["control_plane"].as_str().unwrap_or("?")
+    ));
     let chain = trust["key_sets"].as_array().cloned().unwrap_or_default();
     if !chain.is_empty() {
         text.push_str("key sets pushed after the configured keys:\n");
-        let mut table = Table::new(&["VERSION", "KEYS", "THRESHOLD", "RESETS FLOORS"]);
+        let mut table = Table::new(&[
+            "VERSION",
+            "KEYS",
+            "THRESHOLD",
+            "CONTROL-PLANE KEY",
+            "RESETS FLOORS",
+        ]);
         for set in &chain {
             let floors = set["reset_floors"]
                 .as_object()
@@ -73,6 +83,9 @@ fn describe(trust: &Value) -> String {
                 set["version"].to_string(),
                 set["publishers"].as_array().map_or(0, Vec::len).to_string(),
                 set["threshold"].to_string(),
+                set["control_plane"]
+                    .as_str()
+                    .map_or_else(|| "-".to_owned(), |id| id[..12.min(id.len())].to_owned()),
                 if floors.is_empty() {
                     "-".into()
                 } else {

@@ -53,8 +53,6 @@ pub struct AppState {
     pub mqtt: Arc<MqttStats>,
     /// Largest accepted upload, bytes.
     pub max_upload_bytes: usize,
-    /// The control plane's public key, PEM, for agent configuration.
-    pub public_key_pem: String,
 }
 
 impl AppState {
@@ -700,13 +698,15 @@ impl std::io::Write for ChannelWriter {
     }
 }
 
-/// The control plane's public key (PEM): agents need it to check desired states.
+/// The control plane's public key (PEM): agents need it to check desired states. After a key
+/// set moved it, the newest one (for agents configured with the newest key set).
 #[utoipa::path(get, path = "/api/v1/server/key", tag = "server", security(("bearer" = [])),
     responses((status = 200, content_type = "application/x-pem-file", body = String)))]
 async fn server_key(Viewer(_): Viewer, State(state): State<AppState>) -> ApiResult<Response> {
-    Ok((
-        [(header::CONTENT_TYPE, "application/x-pem-file")],
-        state.public_key_pem.clone(),
-    )
-        .into_response())
+    let pem = state
+        .hub()
+        .control_plane_key()
+        .to_pem()
+        .map_err(anyhow::Error::from)?;
+    Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response())
 }

@@ -52,6 +52,8 @@ pub struct TrustView {
     pub threshold: Option<usize>,
     /// The publisher keys trusted now.
     pub publishers: Vec<PublisherView>,
+    /// Id of the control-plane key agents on this key set require, hex.
+    pub control_plane: String,
     /// The key sets pushed after the configured keys, oldest first.
     pub key_sets: Vec<KeySetView>,
     /// Agents whose latest report names an older key set (0: none reported yet).
@@ -76,6 +78,8 @@ pub struct KeySetView {
     pub publishers: Vec<String>,
     /// Its threshold.
     pub threshold: u32,
+    /// The control-plane key id it moved to, hex, if it named one.
+    pub control_plane: Option<String>,
     /// Sequence floors it reset, by model.
     pub reset_floors: BTreeMap<String, u64>,
     /// When it was made, Unix seconds.
@@ -116,6 +120,7 @@ impl TrustView {
                 version: set.version,
                 publishers: set.publishers.iter().map(|p| p.id().0.to_hex()).collect(),
                 threshold: set.threshold,
+                control_plane: set.control_plane.map(|k| k.id().0.to_hex()),
                 reset_floors: set.reset_floors,
                 issued_at: set.issued_at,
             })
@@ -133,6 +138,7 @@ impl TrustView {
             version,
             threshold: keys.map(|k| k.threshold()),
             publishers,
+            control_plane: hub.control_plane_key().id().0.to_hex(),
             key_sets,
             behind,
         }
