@@ -43,6 +43,13 @@ async fn wait_caught_up(fleet: &Fleet, version: u64) -> Value {
         .await
 }
 
+/// Checks that an API answer is the refusal `status` with `words` in its error.
+fn assert_refused((status, body): (u16, Value), expected: u16, words: &str) {
+    assert_eq!(status, expected, "{body:#}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(error.contains(words), "{words:?} not in {error:?}");
+}
+
 async fn events(fleet: &Fleet, kind: &str) -> Vec<Value> {
     let (_, page) = fleet
         .get(&format!("/events?kind={kind}"), Some(VIEWER_TOKEN))
@@ -50,20 +57,31 @@ async fn events(fleet: &Fleet, kind: &str) -> Vec<Value> {
     page["events"].as_array().cloned().unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pushed_key_set_reaches_every_agent_and_retires_the_old_key() {
+/// The fleet's publisher key (key set 1), as a test holds it.
+fn first_publisher() -> SecretKey {
+    SecretKey::from_seed([11; 32])
+}
+
+/// A server and `agents`, every one serving 1.0.0 signed by [`first_publisher`] and
+/// reporting key set 1.
+async fn fleet_on_v1(agents: &[&str]) -> (Fleet, Value) {
     let mut fleet = Fleet::start().await;
-    let agents = ["edge-1", "edge-2"];
+    assert_eq!(first_publisher().public(), fleet.keys.publisher.public());
     for id in agents {
         fleet.start_agent(id, &[("site", "a")]);
     }
-    fleet.wait_online(&agents).await;
-    let old = SecretKey::from_seed([11; 32]);
-    assert_eq!(old.public(), fleet.keys.publisher.public());
-    let fresh = SecretKey::from_seed([33; 32]);
-    fleet.upload(release(&old, "1.0.0", 1)).await;
+    fleet.wait_online(agents).await;
+    fleet.upload(release(&first_publisher(), "1.0.0", 1)).await;
     fleet.roll_out_everywhere("1.0.0").await;
     let trust = wait_caught_up(&fleet, 1).await;
+    (fleet, trust)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_key_set_reaches_every_agent_and_retires_the_old_key() {
+    let (mut fleet, trust) = fleet_on_v1(&["edge-1", "edge-2"]).await;
+    let old = first_publisher();
+    let fresh = SecretKey::from_seed([33; 32]);
     assert_eq!(trust["key_sets"], json!([]), "{trust:#}");
 
     // Key set 2, made, signed and pushed with the CLI: the old key and a fresh one.
@@ -170,33 +188,28 @@ async fn a_pushed_key_set_reaches_every_agent_and_retires_the_old_key() {
     );
 
     // The old key is refused everywhere: uploads, and rollouts of what it signed.
-    let (status, body) = fleet
-        .post("/bundles", release(&old, "3.0.0", 3), Some(OPERATOR_TOKEN))
-        .await;
-    assert_eq!(status, 400, "{body:#}");
-    assert!(
-        body["error"].as_str().unwrap().contains("unknown keys"),
-        "{body:#}"
+    assert_refused(
+        fleet
+            .post("/bundles", release(&old, "3.0.0", 3), Some(OPERATOR_TOKEN))
+            .await,
+        400,
+        "unknown keys",
     );
     let spec = json!({
         "bundle": format!("{MODEL}@1.0.0"),
         "selector": "",
         "waves": [{ "size": { "percent": 100 }, "bake_secs": 0 }],
     });
-    let (status, body) = fleet
-        .post(
-            "/rollouts",
-            spec.to_string().into_bytes(),
-            Some(OPERATOR_TOKEN),
-        )
-        .await;
-    assert_eq!(status, 400, "{body:#}");
-    assert!(
-        body["error"]
-            .as_str()
-            .unwrap()
-            .contains("not signed by the publisher keys trusted now (key set 3)"),
-        "{body:#}"
+    assert_refused(
+        fleet
+            .post(
+                "/rollouts",
+                spec.to_string().into_bytes(),
+                Some(OPERATOR_TOKEN),
+            )
+            .await,
+        400,
+        "not signed by the publisher keys trusted now (key set 3)",
     );
 
     // A restarted agent still trusts key set 3 and serves the fresh key's release.
@@ -213,14 +226,9 @@ async fn a_pushed_key_set_reaches_every_agent_and_retires_the_old_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_set_that_would_strand_agents_is_refused_unless_forced() {
-    let mut fleet = Fleet::start().await;
-    fleet.start_agent("edge-1", &[("site", "a")]);
-    fleet.wait_online(&["edge-1"]).await;
-    let old = SecretKey::from_seed([11; 32]);
+    let (fleet, _) = fleet_on_v1(&["edge-1"]).await;
+    let old = first_publisher();
     let fresh = SecretKey::from_seed([33; 32]);
-    fleet.upload(release(&old, "1.0.0", 1)).await;
-    fleet.roll_out_everywhere("1.0.0").await;
-    wait_caught_up(&fleet, 1).await;
 
     let refused = [
         (
@@ -261,10 +269,11 @@ async fn a_key_set_that_would_strand_agents_is_refused_unless_forced() {
         ),
     ];
     for (body, token, expected, words) in refused {
-        let (status, answer) = fleet.post("/trust", body, Some(token)).await;
-        assert_eq!(status, expected, "{answer:#}");
-        let error = answer["error"].as_str().unwrap_or_default();
-        assert!(error.contains(words), "{words:?} not in {error:?}");
+        assert_refused(
+            fleet.post("/trust", body, Some(token)).await,
+            expected,
+            words,
+        );
     }
     let trust = wait_caught_up(&fleet, 1).await;
     assert_eq!(trust["key_sets"], json!([]), "nothing refused was kept");
@@ -275,11 +284,10 @@ async fn a_key_set_that_would_strand_agents_is_refused_unless_forced() {
         .await;
     assert_eq!(status, 201, "{body:#}");
     wait_caught_up(&fleet, 2).await;
-    let (status, body) = fleet.post("/trust", rotation, Some(ADMIN_TOKEN)).await;
-    assert_eq!(status, 409, "{body:#}");
-    assert!(
-        body["error"].as_str().unwrap().contains("not newer"),
-        "{body:#}"
+    assert_refused(
+        fleet.post("/trust", rotation, Some(ADMIN_TOKEN)).await,
+        409,
+        "not newer",
     );
 
     let added = events(&fleet, "key_set_added").await;
@@ -306,16 +314,8 @@ async fn a_key_set_that_would_strand_agents_is_refused_unless_forced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_set_moves_the_fleet_to_a_new_control_plane_key() {
-    let mut fleet = Fleet::start().await;
-    let agents = ["edge-1", "edge-2"];
-    for id in agents {
-        fleet.start_agent(id, &[("site", "a")]);
-    }
-    fleet.wait_online(&agents).await;
-    let publisher = SecretKey::from_seed([11; 32]);
-    fleet.upload(release(&publisher, "1.0.0", 1)).await;
-    fleet.roll_out_everywhere("1.0.0").await;
-    wait_caught_up(&fleet, 1).await;
+    let (mut fleet, _) = fleet_on_v1(&["edge-1", "edge-2"]).await;
+    let publisher = first_publisher();
     let server_dir = fleet.server_dir();
     let first_key = SecretKey::from_pem(
         &std::fs::read_to_string(server_dir.join("control-plane.key")).expect("first key"),
@@ -327,16 +327,12 @@ async fn a_key_set_moves_the_fleet_to_a_new_control_plane_key() {
     unknown.control_plane = Some(SecretKey::from_seed([44; 32]).public());
     let mut signed = SignedKeySet::new(&unknown);
     signed.add_signature(&publisher);
-    let (status, body) = fleet
-        .post("/trust", signed.encode(), Some(ADMIN_TOKEN))
-        .await;
-    assert_eq!(status, 409, "{body:#}");
-    assert!(
-        body["error"]
-            .as_str()
-            .unwrap()
-            .contains("flotilla server new-key"),
-        "{body:#}"
+    assert_refused(
+        fleet
+            .post("/trust", signed.encode(), Some(ADMIN_TOKEN))
+            .await,
+        409,
+        "flotilla server new-key",
     );
 
     // The operator makes the key in the server's data directory and names it in key set 2,
