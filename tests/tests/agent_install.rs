@@ -462,3 +462,67 @@ async fn a_key_set_retires_a_stolen_key_and_undoes_its_fast_forward_across_resta
     assert_eq!(restored.staged.served.digest, digest_of(&honest));
     assert!(!restored.fell_back);
 }
+
+/// `model` packed as `version`/`sequence` at `packed_at` (Unix seconds), valid for
+/// `valid_days`, and signed by `key`.
+fn pack_at(
+    key: &SecretKey,
+    version: &str,
+    sequence: u64,
+    packed_at: u64,
+    valid_days: u32,
+) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let source = flotilla_tests::models_dir().join("tiny-mlp-raw");
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    set_release(dir.path(), version, sequence);
+    let spec_path = dir.path().join("bundle.toml");
+    let spec = std::fs::read_to_string(&spec_path).unwrap();
+    std::fs::write(&spec_path, format!("valid_days = {valid_days}\n{spec}")).unwrap();
+    let packed = flotilla_control_plane::pack::pack(dir.path(), packed_at, &()).unwrap();
+    let mut bundle = Bundle::parse(&packed.bytes).unwrap();
+    bundle.add_signature(key);
+    bundle.to_bytes()
+}
+
+#[tokio::test]
+async fn a_clock_set_back_does_not_make_an_expired_bundle_acceptable() {
+    let keys = TestKeys::default();
+    let dir = tempfile::tempdir().unwrap();
+    let inst = installer(dir.path(), &keys);
+    let slot = ModelSlot::new(2);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let day = 86_400;
+
+    // This device's clock is three days behind: the release it installs was made "later".
+    install(
+        &inst,
+        &slot,
+        &pack_at(&keys.publisher, "1.0.0", 1, now + 3 * day, 30),
+    );
+    assert_eq!(inst.store().time_floor().unwrap(), now + 3 * day);
+
+    // By the device's clock this release expires tomorrow; it expired two days before the
+    // installed one was made, so it is refused.
+    let lapsed = pack_at(&keys.publisher, "1.1.0", 2, now - day, 2);
+    let err = inst.verify_new(&lapsed).unwrap_err();
+    assert_eq!(err.stage, Stage::Verify);
+    assert!(err.reason.contains("expired"), "{err}");
+
+    // One still valid after that time installs, and the floor survives a restart.
+    install(
+        &inst,
+        &slot,
+        &pack_at(&keys.publisher, "1.2.0", 3, now - day, 30),
+    );
+    drop(inst);
+    let inst = installer(dir.path(), &keys);
+    assert_eq!(inst.store().time_floor().unwrap(), now + 3 * day);
+    assert!(inst.verify_new(&lapsed).is_err());
+}
