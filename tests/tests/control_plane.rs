@@ -792,8 +792,8 @@ async fn a_new_agent_joins_at_the_release_completed_for_agents_like_it() {
         ]
     );
 
-    // One joining while a rollout that would reach it runs waits for the rollout's outcome,
-    // then joins at what it left: v1 again here, as it is aborted before completing.
+    // One joining while a rollout that would reach it runs is given the release that rollout
+    // would replace, and stays there when the rollout is aborted.
     fleet.upload(release("3.0.0", 3, &fleet)).await;
     let v3 = fleet.rollout(rollout_spec("3.0.0", "site=b", 3600)).await;
     fleet
@@ -829,9 +829,7 @@ async fn a_new_agent_joins_at_the_release_completed_for_agents_like_it() {
     assert!(table.contains(&v3) && !table.contains(&v2), "{table}");
 
     fleet.start_agent("edge-b4", &[("site", "b"), ("hw", "gpu")]);
-    fleet.wait_online(&["edge-b4"]).await;
-    let (_, waiting) = fleet.get("/agents/edge-b4", Some(VIEWER_TOKEN)).await;
-    assert!(waiting["desired"].is_null(), "{waiting:#}");
+    fleet.wait_version("edge-b4", "1.0.0").await;
     let (status, body) = fleet
         .post(
             &format!("/rollouts/{v3}/abort"),
@@ -840,7 +838,45 @@ async fn a_new_agent_joins_at_the_release_completed_for_agents_like_it() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    fleet.wait_version("edge-b4", "1.0.0").await;
+    fleet.wait_rollout(&v3, |r| r["state"] == "aborted").await;
+    let (_, stayed) = fleet.get("/agents/edge-b4", Some(VIEWER_TOKEN)).await;
+    assert_eq!(
+        stayed["desired"]["bundle"]["version"], "1.0.0",
+        "{stayed:#}"
+    );
+
+    // One joining while a rollout runs that then completes follows it to the new release.
+    let v31 = fleet.rollout(rollout_spec("3.0.0", "site=b", 8)).await;
+    fleet
+        .wait_rollout(&v31, |r| r["status"]["stage"] == "baking")
+        .await;
+    fleet.start_agent("edge-b5", &[("site", "b"), ("hw", "cpu")]);
+    fleet.wait_version("edge-b5", "1.0.0").await;
+    fleet
+        .wait_rollout(&v31, |r| r["state"] == "completed")
+        .await;
+    fleet.wait_version("edge-b5", "3.0.0").await;
+    let (_, page) = fleet
+        .get(
+            "/events?kind=agent_assigned&agent=edge-b5",
+            Some(VIEWER_TOKEN),
+        )
+        .await;
+    let steps: Vec<(&str, bool)> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["detail"]["from_rollout"].as_str().unwrap(),
+                e["detail"]["follows"] == true,
+            )
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [("tiny-bert-embed-1.0.0-1", false), (v31.as_str(), true)]
+    );
     fleet.shutdown().await;
 }
 

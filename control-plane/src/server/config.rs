@@ -56,8 +56,8 @@ pub struct ServerConfig {
     pub bundle_hold_secs: u64,
     /// Give an agent that has never had a desired state the bundle of the last completed
     /// rollout whose selector matches it, so a new or replaced device serves what its peers
-    /// serve. Default true; false leaves such agents without a model until a rollout names
-    /// them.
+    /// serve, and move it on as later rollouts for agents like it complete. Default true;
+    /// false leaves such agents without a model until a rollout names them.
     #[serde(default = "default_true")]
     pub assign_new_agents: bool,
 }

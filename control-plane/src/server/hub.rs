@@ -335,26 +335,36 @@ impl Hub {
             .map(|(_, r)| r)
     }
 
-    /// Gives online agents that have never had a desired state (`only` that one, if given)
-    /// the fleet's current release for their labels, so a new or replaced device serves what
-    /// its peers serve without waiting for the next rollout. An agent an active rollout's
-    /// selector matches waits for that rollout to finish, then joins at whatever it left.
+    /// Gives online agents (`only` that one, if given) the fleet's current release for their
+    /// labels when no rollout decides what they run: those that never had a desired state (a
+    /// new or replaced device serves what its peers serve without waiting for the next
+    /// rollout), and those whose desired state came from here before, which so follow the
+    /// release as rollouts complete. An agent that joins while a rollout that would reach it
+    /// runs is given the release it would replace, and the new one if it completes. Agents a
+    /// rollout set are never moved.
     fn assign_newcomers(&mut self, only: Option<&str>, now_ms: u64) -> Result<()> {
         if !self.assign_new_agents {
             return Ok(());
         }
-        let waiting = |labels: &BTreeMap<String, String>| {
-            self.rollouts
-                .values()
-                .any(|r| r.is_active() && r.spec().selector.matches(labels))
-        };
-        let newcomers: Vec<(String, String, DesiredBundle)> = self
+        let newcomers: Vec<(String, String, DesiredBundle, bool)> = self
             .agents
             .values()
             .filter(|a| only.is_none_or(|id| id == a.id))
-            .filter(|a| a.online && !self.desired.contains_key(&a.id) && !waiting(&a.labels))
+            .filter(|a| a.online)
             .filter_map(|a| {
+                // `None`: never had one; `Some(None)`: a state given here, no bundle;
+                // `Some(Some(d))`: running `d` by a state given here.
+                let follows = match self.desired.get(&a.id) {
+                    None => None,
+                    Some(state) if state.rollout.is_none() => {
+                        Some(state.bundle.as_ref().map(|b| b.digest))
+                    }
+                    Some(_) => return None,
+                };
                 let release = self.release_for(&a.labels)?;
+                if follows.flatten() == Some(release.bundle().digest) {
+                    return None;
+                }
                 // A release from before a key rotation that its keys did not survive would
                 // only be refused.
                 let trusted = self
@@ -368,20 +378,26 @@ impl Hub {
                     a.id.clone(),
                     release.id().to_owned(),
                     release.bundle().clone(),
+                    follows.is_some(),
                 ))
             })
             .collect();
-        for (agent, rollout, bundle) in newcomers {
+        for (agent, rollout, bundle, follows) in newcomers {
+            let why = if follows {
+                "follows the fleet's release"
+            } else {
+                "has no desired state"
+            };
             self.log(
                 Some(&agent),
                 None,
                 "agent_assigned",
                 format!(
-                    "{agent} has no desired state; given {}@{}, the release rollout {rollout} \
-                     completed for agents like it",
+                    "{agent} {why}; given {}@{}, the release rollout {rollout} completed for \
+                     agents like it",
                     bundle.name, bundle.version
                 ),
-                serde_json::json!({ "bundle": bundle, "from_rollout": rollout }),
+                serde_json::json!({ "bundle": bundle, "from_rollout": rollout, "follows": follows }),
                 now_ms,
             )?;
             self.set_desired(&agent, Some(bundle), None, now_ms)?;
