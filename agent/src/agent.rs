@@ -11,8 +11,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use flotilla_shared::wire::{
     topics, Birth, Chunk, ChunkRequest, DesiredBundle, DesiredState, Envelope, Event, EventKind,
-    Health, Heartbeat, Presence, SignedDesiredState, Telemetry, TrustChain,
+    Health, Heartbeat, Presence, SignedDesiredState, Telemetry,
 };
+use flotilla_shared::SignedKeySet;
 use flotilla_shared::{PublicKey, Sha256Digest};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -76,8 +77,8 @@ struct Shared {
     started: Instant,
     /// The served model's degradation, each cause reported once in an event.
     degradation: DegradationWatch,
-    /// Why the trust chain last stopped short, so a retained chain delivered again on every
-    /// reconnect is reported once.
+    /// Why the chain of key sets last stopped short, so a chain that every desired state
+    /// carries again is reported once.
     trust_refusal: std::sync::Mutex<Option<String>>,
 }
 
@@ -266,7 +267,7 @@ fn start_link(
     });
 
     let mut link_config = LinkConfig::new(id.clone(), config.broker.clone(), birth, will);
-    link_config.subscriptions = vec![topics::agent_desired(&id), topics::trust()];
+    link_config.subscriptions = vec![topics::agent_desired(&id)];
     let (handle, incoming) = Link::start(link_config, installer.store().tree("session")?)?;
     Ok((incoming, handle))
 }
@@ -352,12 +353,6 @@ fn handle_incoming(shared: &Arc<Shared>, install: &mut Option<Install>, message:
         handle_desired(shared, install, &message.payload);
         return;
     }
-    if message.topic == topics::trust() {
-        let shared = shared.clone();
-        // Keeping a key set flushes the store, and checking the served bundle reads it.
-        tokio::task::spawn_blocking(move || handle_trust(&shared, &message.payload));
-        return;
-    }
     let Some(current) = install.as_ref() else {
         return;
     };
@@ -371,14 +366,14 @@ fn handle_incoming(shared: &Arc<Shared>, install: &mut Option<Install>, message:
     }
 }
 
-/// Follows the control plane's retained chain of key sets: each set that follows the trusted
-/// one is applied and reported; a chain that stops short is reported once per reason.
-fn handle_trust(shared: &Shared, payload: &[u8]) {
-    let chain = match Envelope::<TrustChain>::decode(payload) {
-        Ok(envelope) => envelope.body.key_sets,
-        Err(e) => return refuse_trust(shared, format!("malformed trust chain: {e}")),
-    };
-    let followed = match shared.installer.follow_key_sets(&chain) {
+/// Follows the chain of key sets a desired state carries: each set that follows the trusted
+/// one is applied and reported; a chain that stops short is reported once per reason. Runs
+/// before the state's bundle is looked at, so the keys it needs are trusted by then.
+fn follow_key_sets(shared: &Shared, chain: &[SignedKeySet]) {
+    if chain.is_empty() {
+        return;
+    }
+    let followed = match shared.installer.follow_key_sets(chain) {
         Ok(followed) => followed,
         Err(e) => return refuse_trust(shared, format!("{e:#}")),
     };
@@ -428,8 +423,8 @@ fn refuse_trust(shared: &Shared, reason: String) {
     shared.event(None, None, EventKind::KeySetRejected { reason });
 }
 
-/// Why a desired state is not applied.
-fn open_desired(shared: &Shared, payload: &[u8]) -> Result<Option<DesiredState>, String> {
+/// A desired state signed by the control plane's key and addressed to this agent.
+fn open_desired(shared: &Shared, payload: &[u8]) -> Result<DesiredState, String> {
     let envelope = Envelope::<SignedDesiredState>::decode(payload).map_err(|e| e.to_string())?;
     let trust = shared.installer.trust();
     let key = trust
@@ -440,6 +435,11 @@ fn open_desired(shared: &Shared, payload: &[u8]) -> Result<Option<DesiredState>,
     if state.agent != shared.config.id {
         return Err(format!("desired state is addressed to {:?}", state.agent));
     }
+    Ok(state)
+}
+
+/// The state, unless an older or the same generation was applied already.
+fn fresh_desired(shared: &Shared, state: DesiredState) -> Result<Option<DesiredState>, String> {
     let applied = shared
         .installer
         .store()
@@ -458,7 +458,12 @@ fn open_desired(shared: &Shared, payload: &[u8]) -> Result<Option<DesiredState>,
 }
 
 fn handle_desired(shared: &Arc<Shared>, install: &mut Option<Install>, payload: &[u8]) {
-    let state = match open_desired(shared, payload) {
+    let state = open_desired(shared, payload).and_then(|state| {
+        // Before the generation check: a state sent again carries a longer chain.
+        follow_key_sets(shared, &state.key_sets);
+        fresh_desired(shared, state)
+    });
+    let state = match state {
         Ok(Some(state)) => state,
         Ok(None) => return,
         Err(reason) => {

@@ -201,7 +201,14 @@ impl Installer {
         };
         let followed = keys.follow(&chain);
         if let Some(e) = &followed.refused {
-            warn!(error = %e, "a kept key set does not follow the configured keys; ignoring it and those after it");
+            warn!(error = %e, "a kept key set does not follow the configured keys; dropping it and those after it");
+            let kept: Vec<SignedKeySet> =
+                followed.accepted.iter().map(|a| a.signed.clone()).collect();
+            let through = followed
+                .accepted
+                .last()
+                .map_or(keys.version(), |a| a.keys.version());
+            self.store.truncate_key_sets(&kept, through)?;
         }
         for accepted in &followed.accepted {
             self.trust_from(accepted)?;
@@ -217,13 +224,6 @@ impl Installer {
 
     /// Applies an accepted set's floor resets (once) and trusts its keys.
     fn trust_from(&self, accepted: &flotilla_shared::keyset::Accepted) -> Result<()> {
-        if self
-            .store
-            .reset_floors(accepted.set.version, &accepted.set.reset_floors)?
-            && !accepted.set.reset_floors.is_empty()
-        {
-            info!(key_set = accepted.set.version, models = ?accepted.set.reset_floors, "sequence floors reset");
-        }
         let keys = &accepted.keys;
         let current = self.trust();
         if let Some(key) = accepted.set.control_plane {
@@ -235,18 +235,29 @@ impl Installer {
             control_plane: accepted.set.control_plane.or(current.control_plane),
             key_set: keys.version(),
         }));
+        // After the keys moved, so no bundle signed by a retired key meets the lowered floor.
+        if self
+            .store
+            .reset_floors(accepted.set.version, &accepted.set.reset_floors)?
+            && !accepted.set.reset_floors.is_empty()
+        {
+            info!(key_set = accepted.set.version, models = ?accepted.set.reset_floors, "sequence floors reset");
+        }
         Ok(())
     }
 
-    /// Whether a kept bundle's signatures meet the keys trusted now (no payload check).
+    /// Whether a kept bundle's signatures meet the keys trusted now. Reads only its header.
     pub fn kept_is_trusted(&self, digest: &Sha256Digest) -> bool {
-        self.read_kept(digest)
-            .and_then(|bytes| {
-                self.verifier(0)?
-                    .verify_header(&bytes)
-                    .map_err(|e| InstallError::at(Stage::Verify, e))
-            })
-            .is_ok()
+        use std::io::Read;
+        let mut header = Vec::new();
+        let read = std::fs::File::open(self.store.bundle_path(digest)).and_then(|file| {
+            file.take(flotilla_shared::bundle::MAX_HEADER_BYTES as u64)
+                .read_to_end(&mut header)
+        });
+        read.is_ok()
+            && self
+                .verifier(0)
+                .is_ok_and(|v| v.verify_header(&header).is_ok())
     }
 
     /// The durable state.
@@ -463,6 +474,15 @@ impl Installer {
         staged: &Staged,
         slot: &ModelSlot,
     ) -> Result<Option<Arc<ServedModel>>, InstallError> {
+        // A key set followed while the bundle loaded may have retired its keys: check again,
+        // under the lock key sets are followed with, so none lands before it is recorded.
+        let _following = self.following.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.kept_is_trusted(&staged.served.digest) {
+            return Err(InstallError::at(
+                Stage::Verify,
+                "the trusted publisher keys changed during the install and no longer cover this bundle",
+            ));
+        }
         let m = &staged.served.manifest;
         self.store
             .raise_time_floor(m.created_at)

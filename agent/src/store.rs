@@ -243,6 +243,21 @@ impl Store {
         self.flush()
     }
 
+    /// Keeps only `chain` (the kept sets that still follow the configured keys) and marks the
+    /// floor resets of sets above `through` as not run, so sets that replace the dropped ones
+    /// run theirs. Flushed.
+    pub fn truncate_key_sets(&self, chain: &[SignedKeySet], through: u64) -> Result<()> {
+        let bytes = serde_cbor::to_vec(&chain).context("cannot encode key sets")?;
+        self.state
+            .insert(keys::KEY_SETS, bytes)
+            .context("cannot record the key sets")?;
+        let marker = self.floors_reset_by()?.min(through);
+        self.state
+            .insert(keys::FLOORS_RESET, &marker.to_be_bytes())
+            .context("cannot record the floor reset")?;
+        self.flush()
+    }
+
     /// Sets the floors key set `version` resets, once: a set whose resets were applied
     /// already changes nothing, so floors raised since are never lowered again. Flushed.
     ///

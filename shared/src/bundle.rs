@@ -33,6 +33,11 @@ pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
 /// Largest signature block accepted.
 pub const MAX_SIGNATURES_BYTES: usize = 64 * 1024;
 
+/// Longest header (magic, version, manifest and signature block with their lengths) a bundle
+/// can have: reading this much of a file is enough for [`Bundle::parse_header`].
+pub const MAX_HEADER_BYTES: usize =
+    MAGIC.len() + 2 + 4 + MAX_MANIFEST_BYTES + 4 + MAX_SIGNATURES_BYTES;
+
 /// Longest payload path, in bytes.
 pub const MAX_PATH_BYTES: usize = 255;
 

@@ -3,8 +3,8 @@
 //! A holder (an agent, the control plane) starts from the publisher keys and threshold in its
 //! configuration, which are key set 1 unless configured otherwise. Key set N+1 replaces N only
 //! when a threshold of N's keys *and* a threshold of its own keys signed it, the rule TUF uses
-//! for its root role: whoever holds only the old keys (say, a thief) cannot move trust to keys
-//! of their own, and new keys cannot vouch for themselves. Sets apply one version at a time, so
+//! for its root role: new keys cannot vouch for themselves, and moving trust takes as many of
+//! the trusted keys as signing a bundle does. Sets apply one version at a time, so
 //! a holder that missed some follows the chain of them ([`TrustedKeys::follow`]), checking each
 //! against the one before.
 //!

@@ -68,7 +68,7 @@ fn a_set_signed_only_by_its_own_keys_is_refused() {
 
 #[test]
 fn a_set_its_own_keys_did_not_sign_is_refused() {
-    // The old keys alone (a thief's, say) cannot hand trust to keys of their choosing.
+    // The new keys must agree too: the old ones alone do not make a set.
     let next = set(2, &[3, 4], 1);
     let err = root().next(&signed(&next, &[1, 2])).unwrap_err();
     assert!(

@@ -89,8 +89,25 @@ impl Requester for FakeServer {
     }
 }
 
+/// Opens the data directory's store. sled lets go of its lock on the files a moment after the
+/// last handle of an earlier open is dropped (its flusher thread ends on its next tick), so a
+/// reopen right after a drop may have to wait for that.
+fn open_store(dir: &std::path::Path) -> Store {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Store::open(dir) {
+            Ok(store) => return store,
+            Err(e) if std::time::Instant::now() < deadline => {
+                assert!(format!("{e:#}").contains("lock"), "{e:#}");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("{e:#}"),
+        }
+    }
+}
+
 fn installer(dir: &std::path::Path, keys: &TestKeys) -> Installer {
-    let store = Store::open(dir).unwrap();
+    let store = open_store(dir);
     let trust = Trust {
         publishers: vec![keys.publisher.public()],
         threshold: 1,
@@ -406,7 +423,11 @@ async fn a_key_set_retires_a_stolen_key_and_undoes_its_fast_forward_across_resta
         install(&inst, &slot, &release(stolen, "1.0.0", 1));
         // The thief's release, numbered so high that no honest one could follow it.
         install(&inst, &slot, &release(stolen, "9.0.0", 1_000_000));
-        assert!(inst.verify_new(&honest).is_err(), "not trusted yet");
+        let err = inst.verify_new(&honest).unwrap_err();
+        assert!(
+            err.reason.contains("unknown keys"),
+            "not trusted yet: {err}"
+        );
 
         // Signed by the fresh key alone: the trusted (stolen) key did not vouch for it.
         let unvouched = key_set(2, &fresh, &[], &[&fresh]);
@@ -525,4 +546,86 @@ async fn a_clock_set_back_does_not_make_an_expired_bundle_acceptable() {
     let inst = installer(dir.path(), &keys);
     assert_eq!(inst.store().time_floor().unwrap(), now + 3 * day);
     assert!(inst.verify_new(&lapsed).is_err());
+}
+
+fn installer_trusting(dir: &std::path::Path, keys: &TestKeys, publisher: &SecretKey) -> Installer {
+    let trust = Trust {
+        publishers: vec![publisher.public()],
+        threshold: 1,
+        control_plane: Some(keys.control_plane.public()),
+        key_set: 1,
+    };
+    Installer::new(open_store(dir), trust, vec![Backend::Tract])
+}
+
+#[tokio::test]
+async fn a_bundle_whose_keys_a_key_set_retired_mid_install_is_not_activated() {
+    let keys = TestKeys::default();
+    let dir = tempfile::tempdir().unwrap();
+    let inst = installer(dir.path(), &keys);
+    let slot = ModelSlot::new(2);
+    let fresh = SecretKey::from_seed([33; 32]);
+    let bundle = pack_signed_with("tiny-mlp-raw", &keys.publisher, |d| {
+        set_release(d, "9.0.0", 1_000_000)
+    });
+    let verified = inst.verify_new(&bundle).unwrap();
+    inst.keep(&verified, &bundle).unwrap();
+    let staged = inst.stage(&verified, &bundle).unwrap();
+
+    // While it was loading, key set 2 retired its key and reset the floor it would raise.
+    let rotation = key_set(
+        2,
+        &fresh,
+        &[("tiny-mlp-raw", 5)],
+        &[&keys.publisher, &fresh],
+    );
+    assert_eq!(inst.follow_key_sets(&[rotation]).unwrap().accepted.len(), 1);
+    let err = inst.activate(&staged, &slot).unwrap_err();
+    assert_eq!(err.stage, Stage::Verify);
+    assert!(
+        err.reason.contains("keys changed during the install"),
+        "{err}"
+    );
+    assert!(slot.current().is_none());
+    assert_eq!(inst.store().active().unwrap(), None);
+    assert_eq!(inst.store().floor("tiny-mlp-raw").unwrap(), Some(5));
+}
+
+#[tokio::test]
+async fn kept_key_sets_that_no_longer_follow_the_configured_keys_are_dropped() {
+    let keys = TestKeys::default();
+    let dir = tempfile::tempdir().unwrap();
+    let first = &keys.publisher;
+    let (second, other, next) = (
+        SecretKey::from_seed([33; 32]),
+        SecretKey::from_seed([44; 32]),
+        SecretKey::from_seed([55; 32]),
+    );
+    {
+        let inst = installer_trusting(dir.path(), &keys, first);
+        let set = key_set(2, &second, &[("tiny-mlp-raw", 1)], &[first, &second]);
+        assert_eq!(inst.follow_key_sets(&[set]).unwrap().accepted.len(), 1);
+        let d = Sha256Digest::of(b"any");
+        inst.store()
+            .record_activation(&d, "tiny-mlp-raw", 1_000)
+            .unwrap();
+    }
+
+    // Set up again for another fleet, whose first keys are `other`: the kept set 2 no longer
+    // follows and is dropped, and that fleet's own set 2 then applies, floor reset included.
+    let inst = installer_trusting(dir.path(), &keys, &other);
+    inst.restore_key_sets().unwrap();
+    assert_eq!(inst.trust().key_set, 1);
+    assert!(inst.store().key_sets().unwrap().is_empty());
+    let theirs = key_set(2, &next, &[("tiny-mlp-raw", 5)], &[&other, &next]);
+    let followed = inst.follow_key_sets(&[theirs]).unwrap();
+    assert_eq!(followed.accepted.len(), 1, "{:?}", followed.refused);
+    assert_eq!(inst.store().floor("tiny-mlp-raw").unwrap(), Some(5));
+    drop(inst);
+
+    let inst = installer_trusting(dir.path(), &keys, &other);
+    inst.restore_key_sets().unwrap();
+    assert_eq!(inst.trust().key_set, 2);
+    assert_eq!(inst.trust().publishers, vec![next.public()]);
+    assert_eq!(inst.store().key_sets().unwrap().len(), 1);
 }

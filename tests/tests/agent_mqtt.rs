@@ -205,6 +205,7 @@ impl Peer {
             bundle: Some(bundle.clone()),
             rollout: Some(format!("r{generation}")),
             issued_at_ms: 0,
+            key_sets: vec![],
         };
         let body = Envelope::new(
             "control-plane",

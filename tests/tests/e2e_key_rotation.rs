@@ -43,6 +43,14 @@ async fn wait_caught_up(fleet: &Fleet, version: u64) -> Value {
         .await
 }
 
+/// Unix milliseconds now.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64
+}
+
 /// Checks that an API answer is the refusal `status` with `words` in its error.
 fn assert_refused((status, body): (u16, Value), expected: u16, words: &str) {
     assert_eq!(status, expected, "{body:#}");
@@ -155,17 +163,36 @@ async fn a_pushed_key_set_reaches_every_agent_and_retires_the_old_key() {
     fleet.upload(release(&fresh, "2.0.0", 2)).await;
     fleet.roll_out_everywhere("2.0.0").await;
 
-    // Key set 3 retires the old key; the fresh key is a threshold of key set 2 by itself.
+    // Key set 3 retires the old key and adds a third while edge-2 is away; the fresh key is a
+    // threshold of key set 2 by itself.
+    let third = SecretKey::from_seed([66; 32]);
+    fleet.stop_agent("edge-2").await;
     let (status, body) = fleet
         .post(
             "/trust",
-            key_set(3, &[&fresh], &[&fresh]),
+            key_set(3, &[&fresh, &third], &[&fresh, &third]),
             Some(ADMIN_TOKEN),
         )
         .await;
     assert_eq!(status, 201, "{body:#}");
+
+    // A release only key set 3 trusts reaches edge-2 when it returns: the chain comes inside
+    // its desired state, so it trusts the third key before it looks at the bundle.
+    fleet.upload(release(&third, "3.0.0", 3)).await;
+    let rollout = fleet
+        .rollout(json!({
+            "bundle": format!("{MODEL}@3.0.0"),
+            "selector": "",
+            "waves": [{ "size": { "percent": 100 }, "bake_secs": 0 }],
+        }))
+        .await;
+    fleet.wait_version("edge-1", "3.0.0").await;
+    fleet.start_agent("edge-2", &[("site", "a")]);
+    fleet
+        .wait_rollout(&rollout, |r| r["state"] == "completed")
+        .await;
     let trust = wait_caught_up(&fleet, 3).await;
-    assert_eq!(trust["publishers"].as_array().map(Vec::len), Some(1));
+    assert_eq!(trust["publishers"].as_array().map(Vec::len), Some(2));
     let applied = events(&fleet, "key_set_applied").await;
     assert_eq!(applied.len(), 4, "two key sets, two agents: {applied:#?}");
     assert!(
@@ -190,7 +217,7 @@ async fn a_pushed_key_set_reaches_every_agent_and_retires_the_old_key() {
     // The old key is refused everywhere: uploads, and rollouts of what it signed.
     assert_refused(
         fleet
-            .post("/bundles", release(&old, "3.0.0", 3), Some(OPERATOR_TOKEN))
+            .post("/bundles", release(&old, "4.0.0", 4), Some(OPERATOR_TOKEN))
             .await,
         400,
         "unknown keys",
@@ -212,15 +239,22 @@ async fn a_pushed_key_set_reaches_every_agent_and_retires_the_old_key() {
         "not signed by the publisher keys trusted now (key set 3)",
     );
 
-    // A restarted agent still trusts key set 3 and serves the fresh key's release.
+    // A restarted agent trusts key set 3 from its data directory, before any desired state:
+    // its first heartbeat of the new session says so, and it applies no key set again.
+    let (_, before) = fleet.get("/agents/edge-1", Some(VIEWER_TOKEN)).await;
     fleet.stop_agent("edge-1").await;
+    let restarted = unix_ms();
     fleet.start_agent("edge-1", &[("site", "a")]);
-    fleet.wait_version("edge-1", "2.0.0").await;
-    fleet
+    let session = before["session"].as_u64().unwrap();
+    let after = fleet
         .wait_api("/agents/edge-1", |a| {
-            a["online"] == true && a["key_set"] == 3
+            a["session"].as_u64() > Some(session)
+                && a["last_heartbeat_ms"].as_u64() > Some(restarted)
         })
         .await;
+    assert_eq!(after["key_set"], 3, "{after:#}");
+    assert_eq!(after["active"]["version"], "3.0.0", "{after:#}");
+    assert_eq!(events(&fleet, "key_set_applied").await.len(), 4);
     fleet.shutdown().await;
 }
 
@@ -278,11 +312,29 @@ async fn a_key_set_that_would_strand_agents_is_refused_unless_forced() {
     let trust = wait_caught_up(&fleet, 1).await;
     assert_eq!(trust["key_sets"], json!([]), "nothing refused was kept");
 
+    // An upload checked against key set 1 just before key set 2 lands is not stored after it.
+    let hub = fleet.server().hub();
+    let late = release(&old, "1.5.0", 5);
+    let checked = {
+        let verifier = hub.lock().unwrap().upload_verifier(unix_ms()).unwrap();
+        verifier.verify(&late).unwrap()
+    };
     let rotation = key_set(2, &[&fresh], &[&old, &fresh]);
     let (status, body) = fleet
         .post("/trust?force=true", rotation.clone(), Some(ADMIN_TOKEN))
         .await;
     assert_eq!(status, 201, "{body:#}");
+    let refused = hub
+        .lock()
+        .unwrap()
+        .add_bundle(checked, &late, unix_ms())
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("changed while the bundle was checked"),
+        "{refused}"
+    );
     wait_caught_up(&fleet, 2).await;
     assert_refused(
         fleet.post("/trust", rotation, Some(ADMIN_TOKEN)).await,
@@ -430,6 +482,7 @@ async fn a_key_set_moves_the_fleet_to_a_new_control_plane_key() {
         bundle: None,
         rollout: None,
         issued_at_ms: 0,
+        key_sets: vec![],
     };
     let (client, mut eventloop) = rumqttc::AsyncClient::new(fleet.mqtt_options("intruder"), 16);
     tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
@@ -574,4 +627,48 @@ impl FakeDevice {
             .body
             .key_id
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_signed_ahead_by_the_new_keys_counts_as_theirs_at_the_rotation() {
+    let (fleet, _) = fleet_on_v1(&["edge-1"]).await;
+    let (old, fresh) = (first_publisher(), SecretKey::from_seed([33; 32]));
+    // Signed by both keys while only the old one is trusted: the upload counts the old one.
+    let both = {
+        let bytes = release(&old, "2.0.0", 2);
+        let mut bundle = flotilla_shared::Bundle::parse(&bytes).unwrap();
+        bundle.add_signature(&fresh);
+        bundle.to_bytes()
+    };
+    let record = fleet.upload(both).await;
+    assert_eq!(record["signed_by"], json!([old.public().id().0.to_hex()]));
+    fleet.roll_out_everywhere("2.0.0").await;
+
+    // Straight to the fresh key alone: edge-1 serves a bundle it signed, so nothing strands.
+    let (status, body) = fleet
+        .post(
+            "/trust",
+            key_set(2, &[&fresh], &[&old, &fresh]),
+            Some(ADMIN_TOKEN),
+        )
+        .await;
+    assert_eq!(status, 201, "{body:#}");
+    let (_, record) = fleet
+        .get(&format!("/bundles/{MODEL}@2.0.0"), Some(VIEWER_TOKEN))
+        .await;
+    let signers = record["signed_by"].as_array().unwrap();
+    assert!(
+        signers.contains(&json!(fresh.public().id().0.to_hex())),
+        "{record:#}"
+    );
+    let applied = fleet
+        .wait_api("/events?kind=key_set_applied", |p| {
+            p["events"].as_array().is_some_and(|e| !e.is_empty())
+        })
+        .await;
+    assert_eq!(
+        applied["events"][0]["detail"]["kind"]["key_set_applied"]["active_trusted"], true,
+        "{applied:#}"
+    );
+    fleet.shutdown().await;
 }

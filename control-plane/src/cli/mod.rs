@@ -241,8 +241,9 @@ pub enum KeysetCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Push a signed key set to a control plane (admin). Refused while agents serve bundles
-    /// its keys did not sign, unless --force.
+    /// Push a signed key set to a control plane (admin), which sends it to every agent with
+    /// its desired state. Refused while agents serve, or active rollouts ship, bundles its
+    /// keys did not sign, unless --force.
     Push {
         /// Key set file.
         file: PathBuf,

@@ -14,7 +14,7 @@ use flotilla_shared::keyset::Accepted;
 use flotilla_shared::verify::{VerifiedBundle, Verifier};
 use flotilla_shared::wire::{
     topics, DesiredBundle, DesiredState, Envelope, Event, EventKind, Heartbeat, Presence,
-    SignedDesiredState, Telemetry, TrustChain,
+    SignedDesiredState, Telemetry,
 };
 use flotilla_shared::{
     KeyId, KeySetError, PublicKey, SecretKey, Sha256Digest, SignedKeySet, TrustedKeys,
@@ -187,7 +187,9 @@ impl Hub {
             }
             key_changes.push((set.version, public.id()));
         }
-        let key_sets = accepted.into_iter().map(|a| a.signed).collect();
+        // Every kept set goes to agents, those at or below the configured version too: agents
+        // configured with older keys still need them.
+        let key_sets = store.key_sets()?;
         Ok(Self {
             store,
             keys,
@@ -597,6 +599,53 @@ impl Hub {
         (agents, rollouts)
     }
 
+    /// Adds to each held bundle's `signed_by` the keys of `keys` whose signatures on it verify
+    /// but were not counted at upload (signed by a key not trusted then), so a bundle signed
+    /// by the old and the new keys before a rotation counts as signed by the new ones.
+    fn learn_signers(&mut self, keys: &TrustedKeys) -> Result<(), HubError> {
+        let digests: Vec<Sha256Digest> = self.bundles.keys().copied().collect();
+        for digest in digests {
+            let known = signers_of(&self.bundles[&digest]);
+            let new: Vec<&flotilla_shared::PublicKey> = keys
+                .publishers()
+                .iter()
+                .filter(|k| !known.contains(&k.id()))
+                .collect();
+            if new.is_empty() {
+                continue;
+            }
+            let Some(bytes) = self.store.bundle_bytes(&digest)? else {
+                continue;
+            };
+            let (manifest, signatures, _) = flotilla_shared::Bundle::parse_header(&bytes)
+                .map_err(|e| HubError::Internal(anyhow::anyhow!("held bundle {digest}: {e}")))?;
+            let learned: Vec<KeyId> = new
+                .into_iter()
+                .filter(|key| {
+                    signatures.iter().any(|s| {
+                        s.key_id == key.id()
+                            && <&[u8; 64]>::try_from(s.signature.as_slice())
+                                .is_ok_and(|sig| key.verify_strict(manifest, sig))
+                    })
+                })
+                .map(|key| key.id())
+                .collect();
+            if learned.is_empty() {
+                continue;
+            }
+            let record = self
+                .bundles
+                .get_mut(&digest)
+                .expect("invariant: iterating held digests");
+            record
+                .signed_by
+                .extend(learned.iter().map(|id| id.0.to_hex()));
+            let record = record.clone();
+            self.store.put_bundle_record(&record)?;
+        }
+        Ok(())
+    }
+
     /// Whether `keys` trust the bundle `digest`; a bundle the server does not hold cannot be
     /// judged and counts as trusted.
     fn trusted_by(&self, keys: &TrustedKeys, digest: &Sha256Digest) -> bool {
@@ -621,6 +670,7 @@ impl Hub {
             }
             other => HubError::Invalid(format!("key set refused: {other}")),
         })?;
+        self.learn_signers(&accepted.keys)?;
         let (agents, rollouts) = self.untrusted_under(&accepted.keys);
         let stranding = !agents.is_empty() || !rollouts.is_empty();
         if stranding && !force {
@@ -669,7 +719,6 @@ impl Hub {
         }
         self.key_sets.push(accepted.signed.clone());
         self.trust = Some(accepted.keys.clone());
-        self.publish_trust();
         let ids: Vec<String> = accepted
             .keys
             .publishers()
@@ -704,25 +753,11 @@ impl Hub {
             }),
             now_ms,
         )?;
+        // Durable before any agent hears of it: a server that came back without the set
+        // would hand out a shorter chain than agents already follow.
+        self.store.flush_blocking()?;
+        self.republish_desired();
         Ok(accepted)
-    }
-
-    /// Publishes the chain of key sets (retained) for agents to follow. Called after each
-    /// connection to the broker too; nothing is published while there is no chain.
-    pub fn publish_trust(&mut self) {
-        if self.key_sets.is_empty() {
-            return;
-        }
-        self.seq += 1;
-        let chain = TrustChain {
-            key_sets: self.key_sets.clone(),
-        };
-        let envelope = Envelope::new(SERVER_ID, self.seq, super::unix_ms(), chain);
-        let _ = self.out.send(Outgoing {
-            topic: topics::trust(),
-            payload: envelope.encode(),
-            retain: true,
-        });
     }
 
     /// Stores a bundle that passed [`Hub::upload_verifier`]'s checks. Returns the record and
@@ -736,6 +771,13 @@ impl Hub {
     ) -> Result<(BundleRecord, bool), HubError> {
         if let Some(existing) = self.bundles.get(&verified.digest) {
             return Ok((existing.clone(), false));
+        }
+        // Verified outside the lock: a key set may have been added meanwhile.
+        if !self.trusted_keys()?.accepts_signers(&verified.signed_by) {
+            return Err(HubError::Conflict(
+                "the trusted publisher keys changed while the bundle was checked; upload it again"
+                    .into(),
+            ));
         }
         let manifest = &verified.manifest;
         let clash = self
@@ -1030,6 +1072,7 @@ impl Hub {
             bundle,
             rollout: rollout.map(str::to_owned),
             issued_at_ms: now_ms,
+            key_sets: Vec::new(),
         };
         self.store.put_desired(&state)?;
         self.publish_desired(&state);
@@ -1037,9 +1080,15 @@ impl Hub {
         Ok(())
     }
 
+    /// Signs and publishes (retained) an agent's desired state, with the key of the key set
+    /// it reported and the chain of key sets inside.
     fn publish_desired(&mut self, state: &DesiredState) {
         let key_set = self.agents.get(&state.agent).map_or(0, |a| a.key_set);
-        let signed = SignedDesiredState::sign(state, self.signing_key(key_set));
+        let state = DesiredState {
+            key_sets: self.key_sets.clone(),
+            ..state.clone()
+        };
+        let signed = SignedDesiredState::sign(&state, self.signing_key(key_set));
         self.seq += 1;
         let envelope = Envelope::new(SERVER_ID, self.seq, state.issued_at_ms, signed);
         let _ = self.out.send(Outgoing {

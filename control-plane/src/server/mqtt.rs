@@ -232,9 +232,10 @@ impl Handler {
             }
         }
         self.announce(true);
-        let mut hub = self.hub.lock().expect("invariant: hub lock never poisoned");
-        hub.publish_trust();
-        hub.republish_desired();
+        self.hub
+            .lock()
+            .expect("invariant: hub lock never poisoned")
+            .republish_desired();
     }
 
     fn announce(&self, online: bool) {

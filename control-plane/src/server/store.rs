@@ -245,6 +245,11 @@ impl Store {
         put(&self.bundles, key.as_bytes(), record)
     }
 
+    /// Rewrites a bundle's record (its bytes stay).
+    pub fn put_bundle_record(&self, record: &BundleRecord) -> Result<()> {
+        put(&self.bundles, record.digest.to_hex().as_bytes(), record)
+    }
+
     /// A bundle's bytes.
     pub fn bundle_bytes(&self, digest: &Sha256Digest) -> Result<Option<Vec<u8>>> {
         self.payload(digest.to_hex().as_bytes())

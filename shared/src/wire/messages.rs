@@ -329,7 +329,7 @@ pub enum EventKind {
         /// serving, but a restart will not load it again.
         active_trusted: bool,
     },
-    /// A key set on the trust topic was not applied.
+    /// A key set a desired state carried was not applied.
     KeySetRejected {
         /// Why.
         reason: String,
@@ -381,6 +381,12 @@ pub struct DesiredState {
     pub rollout: Option<String>,
     /// Control plane's clock, Unix milliseconds.
     pub issued_at_ms: u64,
+    /// The publisher key sets after the fleet's first, oldest first. The agent follows them
+    /// (each checked against the one before, see [`crate::keyset`]) before it acts on the
+    /// bundle, so a bundle signed by new keys never arrives ahead of the keys. Carried inside
+    /// the signed state, so pushing a key set to agents also takes the control plane's key.
+    #[serde(default)]
+    pub key_sets: Vec<crate::keyset::SignedKeySet>,
 }
 
 /// A bundle reference in a desired state.
@@ -450,15 +456,6 @@ impl SignedDesiredState {
     }
 }
 
-/// Retained on [`topics::trust`](super::topics::trust): every key set after the fleet's first,
-/// oldest first, so an agent that missed some follows them in order. Each set is signed by the
-/// keys it replaces; neither the broker nor the control plane is trusted with them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TrustChain {
-    /// The signed key sets.
-    pub key_sets: Vec<crate::keyset::SignedKeySet>,
-}
-
 /// Published by a downloader on `bundles/{digest}/requests`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkRequest {
@@ -506,6 +503,7 @@ mod tests {
             bundle: None,
             rollout: Some("r1".into()),
             issued_at_ms: 1,
+            key_sets: vec![],
         };
         let signed = SignedDesiredState::sign(&state, &cp);
         assert_eq!(signed.open(&cp.public()).unwrap(), state);

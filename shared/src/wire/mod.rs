@@ -53,11 +53,6 @@ pub mod topics {
         format!("{TOPIC_ROOT}/control-plane/state")
     }
 
-    /// Retained [`super::TrustChain`]: the publisher key sets agents follow.
-    pub fn trust() -> String {
-        format!("{TOPIC_ROOT}/trust")
-    }
-
     /// Subscription filter matching one kind of per-agent topic for all agents.
     pub fn all_agents(kind: &str) -> String {
         format!("{TOPIC_ROOT}/agents/+/{kind}")
