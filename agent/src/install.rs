@@ -168,7 +168,7 @@ impl Installer {
         let keys = self
             .trust()
             .keys()
-            .context("no publisher keys are configured to check key sets against")?;
+            .context("the configured publisher keys cannot check key sets")?;
         let followed = keys.follow(chain);
         for accepted in &followed.accepted {
             self.store.append_key_set(&accepted.signed)?;

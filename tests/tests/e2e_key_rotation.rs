@@ -642,16 +642,36 @@ async fn a_bundle_signed_ahead_by_the_new_keys_counts_as_theirs_at_the_rotation(
     };
     let record = fleet.upload(both).await;
     assert_eq!(record["signed_by"], json!([old.public().id().0.to_hex()]));
-    fleet.roll_out_everywhere("2.0.0").await;
+    let rollout = fleet
+        .rollout(json!({
+            "bundle": format!("{MODEL}@2.0.0"),
+            "selector": "",
+            "waves": [{ "size": { "percent": 100 }, "bake_secs": 3600 }],
+        }))
+        .await;
+    fleet.wait_version("edge-1", "2.0.0").await;
 
-    // Straight to the fresh key alone: edge-1 serves a bundle it signed, so nothing strands.
+    // Straight to the fresh key alone. While the rollout runs it could send edge-1 back to
+    // 1.0.0, which the fresh key did not sign: refused until it is over.
+    let rotation = key_set(2, &[&fresh], &[&old, &fresh]);
+    assert_refused(
+        fleet
+            .post("/trust", rotation.clone(), Some(ADMIN_TOKEN))
+            .await,
+        409,
+        &format!("active rollout(s) {rollout} ship, or would roll back to"),
+    );
     let (status, body) = fleet
         .post(
-            "/trust",
-            key_set(2, &[&fresh], &[&old, &fresh]),
-            Some(ADMIN_TOKEN),
+            &format!("/rollouts/{rollout}/abort"),
+            b"{}".to_vec(),
+            Some(OPERATOR_TOKEN),
         )
         .await;
+    assert_eq!(status, 200, "{body:#}");
+
+    // Now edge-1 serves a bundle the fresh key signed, so nothing strands.
+    let (status, body) = fleet.post("/trust", rotation, Some(ADMIN_TOKEN)).await;
     assert_eq!(status, 201, "{body:#}");
     let (_, record) = fleet
         .get(&format!("/bundles/{MODEL}@2.0.0"), Some(VIEWER_TOKEN))

@@ -581,7 +581,8 @@ impl Hub {
     }
 
     /// Agents whose served bundle key set `keys` would not trust, as `agent (name@version)`,
-    /// and active rollouts whose bundle it would not trust.
+    /// and active rollouts whose bundle, or whose rollback target for an agent it updated, it
+    /// would not trust.
     pub fn untrusted_under(&self, keys: &TrustedKeys) -> (Vec<String>, Vec<String>) {
         let trusted = |digest: &Sha256Digest| self.trusted_by(keys, digest);
         let agents = self
@@ -590,10 +591,19 @@ impl Hub {
             .filter(|a| a.active.as_ref().is_some_and(|m| !trusted(&m.digest)))
             .map(|a| format!("{} ({})", a.id, a.version_label()))
             .collect();
+        // An active rollout ships its bundle, and may yet send its updated agents back to what
+        // they ran before.
         let rollouts = self
             .rollouts
             .values()
-            .filter(|r| r.is_active() && !trusted(&r.bundle().digest))
+            .filter(|r| r.is_active())
+            .filter(|r| {
+                !trusted(&r.bundle().digest)
+                    || r.agents().any(|(_, a)| {
+                        a.assigned_ms.is_some()
+                            && a.previous.as_ref().is_some_and(|p| !trusted(&p.digest))
+                    })
+            })
             .map(|r| r.id().to_owned())
             .collect();
         (agents, rollouts)
@@ -684,7 +694,7 @@ impl Hub {
             }
             if !rollouts.is_empty() {
                 problems.push(format!(
-                    "active rollout(s) {} ship bundles its keys did not sign, which agents would refuse",
+                    "active rollout(s) {} ship, or would roll back to, bundles its keys did not sign, which agents would refuse",
                     rollouts.join(", ")
                 ));
             }
