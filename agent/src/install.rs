@@ -286,28 +286,10 @@ impl Installer {
             .map_err(|e| InstallError::at(Stage::Verify, e))
     }
 
-    /// Now, for expiry: the system clock, or, when that is behind the newest bundle activated
-    /// here was made (a clock set back, an RTC that lost power), that bundle's creation time,
-    /// so a clock set back cannot make an expired bundle acceptable again.
-    fn trusted_now(&self) -> Result<u64, InstallError> {
-        let floor = self
-            .store
-            .time_floor()
-            .map_err(|e| InstallError::at(Stage::Verify, format!("{e:#}")))?;
-        let now = now();
-        if now < floor {
-            warn!(
-                behind_secs = floor - now,
-                "the system clock is behind the newest bundle accepted; checking expiry against that bundle's creation time"
-            );
-        }
-        Ok(now.max(floor))
-    }
-
     /// Checks a header (everything before the payload) as new: trusted, fresh, above the model's
     /// sequence floor, runnable here. Downloads call this before fetching any payload chunk.
     pub fn check_new_header(&self, header: &[u8]) -> Result<VerifiedBundle, InstallError> {
-        let verifier = self.verifier(self.trusted_now()?)?;
+        let verifier = self.verifier(now())?;
         let verified = verifier
             .verify_header(header)
             .map_err(|e| InstallError::at(Stage::Verify, e))?;
@@ -328,7 +310,7 @@ impl Installer {
     /// whole payload.
     pub fn verify_new(&self, bytes: &[u8]) -> Result<VerifiedBundle, InstallError> {
         let verified = self.check_new_header(bytes)?;
-        let mut verifier = self.verifier(self.trusted_now()?)?;
+        let mut verifier = self.verifier(now())?;
         if let Some(floor) = self
             .store
             .floor(&verified.manifest.name)
@@ -485,11 +467,7 @@ impl Installer {
         }
         let m = &staged.served.manifest;
         self.store
-            .raise_time_floor(m.created_at)
-            .and_then(|()| {
-                self.store
-                    .record_activation(&staged.served.digest, &m.name, m.sequence)
-            })
+            .record_activation(&staged.served.digest, &m.name, m.sequence)
             .map_err(|e| InstallError::at(Stage::Activate, format!("{e:#}")))?;
         info!(model = %m.id(), digest = %staged.served.digest.short(), "model activated");
         let replaced = slot.activate(staged.served.clone());

@@ -27,7 +27,6 @@ mod keys {
     pub const GENERATION: &[u8] = b"desired_generation";
     pub const KEY_SETS: &[u8] = b"key_sets";
     pub const FLOORS_RESET: &[u8] = b"floors_reset_by";
-    pub const TIME_FLOOR: &[u8] = b"time_floor";
 }
 
 /// Durable agent state.
@@ -177,28 +176,6 @@ impl Store {
                 Some(current.max(sequence).to_be_bytes().to_vec())
             })
             .context("cannot raise sequence floor")?;
-        Ok(())
-    }
-
-    /// The newest creation time of a bundle activated here, Unix seconds (0: none yet). No
-    /// honest clock is behind it, so expiry is checked against it when the system clock is.
-    pub fn time_floor(&self) -> Result<u64> {
-        Ok(self
-            .state
-            .get(keys::TIME_FLOOR)
-            .context("cannot read agent state")?
-            .map_or(0, |v| be_u64(&v)))
-    }
-
-    /// Raises [`Store::time_floor`] to `at` (never lowers it). Flushed with the activation
-    /// that follows.
-    pub fn raise_time_floor(&self, at: u64) -> Result<()> {
-        self.state
-            .fetch_and_update(keys::TIME_FLOOR, |old| {
-                let current = old.map(be_u64).unwrap_or(0);
-                Some(current.max(at).to_be_bytes().to_vec())
-            })
-            .context("cannot raise the time floor")?;
         Ok(())
     }
 
