@@ -13,7 +13,7 @@ use flotilla_shared::wire::{
     topics, Birth, Chunk, ChunkRequest, DesiredBundle, DesiredState, Envelope, Event, EventKind,
     Health, Heartbeat, Presence, SignedDesiredState, Telemetry,
 };
-use flotilla_shared::SignedKeySet;
+use flotilla_shared::{KeyId, SignedKeySet};
 use flotilla_shared::{PublicKey, Sha256Digest};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -77,6 +77,9 @@ struct Shared {
     started: Instant,
     /// The served model's degradation, each cause reported once in an event.
     degradation: DegradationWatch,
+    /// The control-plane key the configuration names, under which generations count until a
+    /// key set moves to another.
+    configured_control_plane: Option<KeyId>,
     /// Why the chain of key sets last stopped short, so a chain that every desired state
     /// carries again is reported once.
     trust_refusal: std::sync::Mutex<Option<String>>,
@@ -150,6 +153,7 @@ pub async fn run(
 ) -> Result<()> {
     config.validate()?;
     let trust = load_trust(&config)?;
+    let configured_control_plane = trust.control_plane.map(|k| k.id());
     let store = Store::open(&config.data_dir)?;
     let installer = Installer::new(store.clone(), trust, config.inference.backends.clone())
         .with_placement(config.inference.placement());
@@ -186,6 +190,7 @@ pub async fn run(
         started: Instant::now(),
         degradation: DegradationWatch::default(),
         trust_refusal: std::sync::Mutex::default(),
+        configured_control_plane,
     });
     shared.event(
         None,
@@ -443,7 +448,7 @@ fn fresh_desired(shared: &Shared, state: DesiredState) -> Result<Option<DesiredS
     let applied = shared
         .installer
         .store()
-        .desired_generation()
+        .desired_generation(generation_scope(shared).as_ref())
         .map_err(|e| e.to_string())?;
     if state.generation < applied {
         return Err(format!(
@@ -515,8 +520,20 @@ fn handle_desired(shared: &Arc<Shared>, install: &mut Option<Install>, payload: 
     });
 }
 
+/// The control-plane key generations count under: `None` while the configured one is
+/// trusted, else the key a key set moved to.
+fn generation_scope(shared: &Shared) -> Option<KeyId> {
+    let trusted = shared.installer.trust().control_plane.map(|k| k.id());
+    trusted.filter(|id| Some(*id) != shared.configured_control_plane)
+}
+
 fn record_generation(shared: &Shared, generation: u64) {
-    if let Err(e) = shared.installer.store().set_desired_generation(generation) {
+    let scope = generation_scope(shared);
+    if let Err(e) = shared
+        .installer
+        .store()
+        .set_desired_generation(scope.as_ref(), generation)
+    {
         warn!(error = %e, "cannot record desired-state generation");
     }
 }

@@ -204,11 +204,7 @@ impl Installer {
             warn!(error = %e, "a kept key set does not follow the configured keys; dropping it and those after it");
             let kept: Vec<SignedKeySet> =
                 followed.accepted.iter().map(|a| a.signed.clone()).collect();
-            let through = followed
-                .accepted
-                .last()
-                .map_or(keys.version(), |a| a.keys.version());
-            self.store.truncate_key_sets(&kept, through)?;
+            self.store.truncate_key_sets(&kept)?;
         }
         for accepted in &followed.accepted {
             self.trust_from(accepted)?;
@@ -238,7 +234,7 @@ impl Installer {
         // After the keys moved, so no bundle signed by a retired key meets the lowered floor.
         if self
             .store
-            .reset_floors(accepted.set.version, &accepted.set.reset_floors)?
+            .reset_floors(&accepted.signed, &accepted.set.reset_floors)?
             && !accepted.set.reset_floors.is_empty()
         {
             info!(key_set = accepted.set.version, models = ?accepted.set.reset_floors, "sequence floors reset");

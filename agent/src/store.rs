@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
-use flotilla_shared::{Sha256Digest, SignedKeySet};
+use flotilla_shared::{KeyId, Sha256Digest, SignedKeySet};
 
 /// Key names in the `state` tree.
 mod keys {
@@ -26,7 +26,8 @@ mod keys {
     pub const PREVIOUS: &[u8] = b"previous";
     pub const GENERATION: &[u8] = b"desired_generation";
     pub const KEY_SETS: &[u8] = b"key_sets";
-    pub const FLOORS_RESET: &[u8] = b"floors_reset_by";
+    /// Followed by the SHA-256 of a key set's body: that set's floor resets ran.
+    pub const FLOORS_RESET: &[u8] = b"floors_reset/";
 }
 
 /// Durable agent state.
@@ -179,19 +180,21 @@ impl Store {
         Ok(())
     }
 
-    /// Newest desired-state generation applied.
-    pub fn desired_generation(&self) -> Result<u64> {
+    /// Newest desired-state generation applied while control-plane key `signer` was trusted
+    /// (`None`: the configured one). Generations count per key, so one pushed up by a key that a
+    /// key set later retired (whoever stole it could send any number) binds no successor.
+    pub fn desired_generation(&self, signer: Option<&KeyId>) -> Result<u64> {
         Ok(self
             .state
-            .get(keys::GENERATION)
+            .get(generation_key(signer))
             .context("cannot read agent state")?
             .map_or(0, |v| be_u64(&v)))
     }
 
-    /// Records the newest desired-state generation, flushed.
-    pub fn set_desired_generation(&self, generation: u64) -> Result<()> {
+    /// Records the newest desired-state generation under `signer`, flushed.
+    pub fn set_desired_generation(&self, signer: Option<&KeyId>, generation: u64) -> Result<()> {
         self.state
-            .insert(keys::GENERATION, &generation.to_be_bytes())
+            .insert(generation_key(signer), &generation.to_be_bytes())
             .context("cannot record generation")?;
         self.flush()
     }
@@ -220,28 +223,37 @@ impl Store {
         self.flush()
     }
 
-    /// Keeps only `chain` (the kept sets that still follow the configured keys) and marks the
-    /// floor resets of sets above `through` as not run, so sets that replace the dropped ones
-    /// run theirs. Flushed.
-    pub fn truncate_key_sets(&self, chain: &[SignedKeySet], through: u64) -> Result<()> {
+    /// Keeps only `chain`: the kept sets that still follow the configured keys. Flushed.
+    pub fn truncate_key_sets(&self, chain: &[SignedKeySet]) -> Result<()> {
         let bytes = serde_cbor::to_vec(&chain).context("cannot encode key sets")?;
         self.state
             .insert(keys::KEY_SETS, bytes)
             .context("cannot record the key sets")?;
-        let marker = self.floors_reset_by()?.min(through);
-        self.state
-            .insert(keys::FLOORS_RESET, &marker.to_be_bytes())
-            .context("cannot record the floor reset")?;
         self.flush()
     }
 
-    /// Sets the floors key set `version` resets, once: a set whose resets were applied
-    /// already changes nothing, so floors raised since are never lowered again. Flushed.
+    /// Sets the floors key set `signed` resets, once: a set whose resets ran already changes
+    /// nothing, however often it is followed again, so floors raised since are never lowered
+    /// again. A different set of the same version (another fleet's) runs its own. Flushed.
     ///
     /// Key sets are appended before their resets run, so after a crash in between the start-up
-    /// check finds this version not yet done and finishes it, before any install.
-    pub fn reset_floors(&self, version: u64, floors: &BTreeMap<String, u64>) -> Result<bool> {
-        if self.floors_reset_by()? >= version {
+    /// check finds this one not yet done and finishes it, before any install.
+    pub fn reset_floors(
+        &self,
+        signed: &SignedKeySet,
+        floors: &BTreeMap<String, u64>,
+    ) -> Result<bool> {
+        let done = [
+            keys::FLOORS_RESET,
+            Sha256Digest::of(&signed.body).to_hex().as_bytes(),
+        ]
+        .concat();
+        if self
+            .state
+            .get(&done)
+            .context("cannot read agent state")?
+            .is_some()
+        {
             return Ok(false);
         }
         for (model, floor) in floors {
@@ -250,18 +262,10 @@ impl Store {
                 .context("cannot reset a sequence floor")?;
         }
         self.state
-            .insert(keys::FLOORS_RESET, &version.to_be_bytes())
+            .insert(done, &[1u8])
             .context("cannot record the floor reset")?;
         self.flush()?;
         Ok(true)
-    }
-
-    fn floors_reset_by(&self) -> Result<u64> {
-        Ok(self
-            .state
-            .get(keys::FLOORS_RESET)
-            .context("cannot read agent state")?
-            .map_or(0, |v| be_u64(&v)))
     }
 
     /// Which payload chunks of a download are on disk, one bit per chunk.
@@ -287,6 +291,13 @@ impl Store {
             .remove(digest.0)
             .context("cannot clear download progress")?;
         Ok(())
+    }
+}
+
+fn generation_key(signer: Option<&KeyId>) -> Vec<u8> {
+    match signer {
+        None => keys::GENERATION.to_vec(),
+        Some(id) => [keys::GENERATION, b"/", id.0.to_hex().as_bytes()].concat(),
     }
 }
 
@@ -330,27 +341,30 @@ mod tests {
         store.record_activation(&d, "m", 1_000_000).unwrap();
         store.record_activation(&d, "other", 7).unwrap();
 
+        let set = |body: &[u8]| SignedKeySet {
+            version: 2,
+            body: body.to_vec(),
+            signatures: vec![],
+        };
         let resets = BTreeMap::from([("m".to_owned(), 5)]);
-        assert!(store.reset_floors(2, &resets).unwrap());
+        assert!(store.reset_floors(&set(b"ours"), &resets).unwrap());
         assert_eq!(store.floor("m").unwrap(), Some(5), "lowered");
         assert_eq!(store.floor("other").unwrap(), Some(7), "untouched");
 
         store.record_activation(&d, "m", 6).unwrap();
         assert!(
-            !store.reset_floors(2, &resets).unwrap(),
+            !store.reset_floors(&set(b"ours"), &resets).unwrap(),
             "a set's resets run once"
         );
         assert_eq!(store.floor("m").unwrap(), Some(6));
 
-        let signed = SignedKeySet {
-            version: 2,
-            body: vec![1, 2, 3],
-            signatures: vec![],
-        };
-        store.append_key_set(&signed).unwrap();
+        store.append_key_set(&set(b"ours")).unwrap();
         drop(store);
         let reopened = Store::open(dir.path()).unwrap();
-        assert_eq!(reopened.key_sets().unwrap(), vec![signed]);
-        assert!(!reopened.reset_floors(2, &resets).unwrap());
+        assert_eq!(reopened.key_sets().unwrap(), vec![set(b"ours")]);
+        assert!(!reopened.reset_floors(&set(b"ours"), &resets).unwrap());
+        // Another set of the same version (another fleet's chain) runs its own.
+        assert!(reopened.reset_floors(&set(b"theirs"), &resets).unwrap());
+        assert_eq!(reopened.floor("m").unwrap(), Some(5));
     }
 }

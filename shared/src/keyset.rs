@@ -33,6 +33,10 @@ pub const KEY_SET_FORMAT_VERSION: u32 = 1;
 /// Largest signed key set accepted, so a hostile message cannot make a reader allocate wildly.
 pub const MAX_KEY_SET_BYTES: usize = 64 * 1024;
 
+/// Largest chain of key sets (their encoded bytes together) a control plane hands out: every
+/// desired state carries the whole chain, and agents take MQTT packets of at most 1 MiB.
+pub const MAX_CHAIN_BYTES: usize = 256 * 1024;
+
 /// What every key-set signature covers before the set's CBOR.
 pub const SIGNING_CONTEXT: &[u8] = b"flotilla/v1 key set\n";
 

@@ -361,6 +361,36 @@ async fn a_key_set_that_would_strand_agents_is_refused_unless_forced() {
     // The agent keeps serving what it had.
     let agent = fleet.wait_version("edge-1", "1.0.0").await;
     assert_eq!(agent["key_set"], 2);
+
+    // Every desired state carries the chain, so it cannot grow past what a state can carry:
+    // sets of 1700 keys each (about 58 KiB) fit four times, not five.
+    let crowd = |version: u64| {
+        let mut keys: Vec<flotilla_shared::PublicKey> = (0..1700u32)
+            .map(|n| {
+                let mut seed = [0u8; 32];
+                seed[..8].copy_from_slice(&(u64::from(n) + version * 10_000).to_be_bytes());
+                SecretKey::from_seed(seed).public()
+            })
+            .collect();
+        keys.push(fresh.public());
+        let mut signed = SignedKeySet::new(&KeySet::new(version, keys, 1, 1_800_000_000));
+        signed.add_signature(&fresh);
+        signed.encode()
+    };
+    for version in 3..=6 {
+        let (status, body) = fleet
+            .post("/trust?force=true", crowd(version), Some(ADMIN_TOKEN))
+            .await;
+        assert_eq!(status, 201, "{body:#}");
+    }
+    assert_refused(
+        fleet
+            .post("/trust?force=true", crowd(7), Some(ADMIN_TOKEN))
+            .await,
+        409,
+        "that every desired state can carry",
+    );
+    wait_caught_up(&fleet, 6).await;
     fleet.shutdown().await;
 }
 
@@ -386,6 +416,17 @@ async fn a_key_set_moves_the_fleet_to_a_new_control_plane_key() {
         409,
         "flotilla server new-key",
     );
+
+    // Whoever stole the first key pushes edge-1's generation up, so that no honest state
+    // would count as new.
+    let (_, edge_1) = fleet.get("/agents/edge-1", Some(VIEWER_TOKEN)).await;
+    let serving = serde_json::from_value(edge_1["desired"]["bundle"].clone()).unwrap();
+    send_as_control_plane(&fleet, "edge-1", u64::MAX - 1, Some(serving), &first_key).await;
+    fleet
+        .wait_api("/events?kind=active&agent=edge-1", |p| {
+            p["events"].as_array().is_some_and(|e| e.len() >= 2)
+        })
+        .await;
 
     // The operator makes the key in the server's data directory and names it in key set 2,
     // while edge-2 is away.
@@ -454,15 +495,13 @@ async fn a_key_set_moves_the_fleet_to_a_new_control_plane_key() {
         .await;
     wait_caught_up(&fleet, 2).await;
 
-    // Deterministically: a device that reports key set 1 is sent its state signed with the
-    // first key, and signed again with the new one once it reports key set 2.
+    // Every state is signed by the new key and by the first, whatever key set its agent
+    // reports: one on key set 1 can check it, and then follow the chain inside.
     let first_id = first_key.public().id();
     let new_id = flotilla_shared::PublicKey::from_pem(&new_pem).unwrap().id();
     let mut device = FakeDevice::connect(&fleet, "edge-old").await;
     device.publish_birth(1).await;
-    assert_eq!(device.next_signer().await, first_id);
-    device.report_key_set(2, new_id).await;
-    assert_eq!(device.next_signer().await, new_id);
+    assert_eq!(device.next_signers().await, (new_id, vec![first_id]));
     device.leave(&fleet).await;
 
     // A restarted server and agent keep to the new key.
@@ -476,31 +515,7 @@ async fn a_key_set_moves_the_fleet_to_a_new_control_plane_key() {
     let before = events(&fleet, "desired_state_rejected").await.len();
 
     // The first key no longer moves an agent.
-    let stale = flotilla_shared::wire::DesiredState {
-        agent: "edge-2".into(),
-        generation: 1_000,
-        bundle: None,
-        rollout: None,
-        issued_at_ms: 0,
-        key_sets: vec![],
-    };
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(fleet.mqtt_options("intruder"), 16);
-    tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
-    let message = flotilla_shared::wire::Envelope::new(
-        "control-plane",
-        1,
-        0,
-        flotilla_shared::wire::SignedDesiredState::sign(&stale, &first_key),
-    );
-    client
-        .publish(
-            flotilla_shared::wire::topics::agent_desired("edge-2"),
-            rumqttc::QoS::AtLeastOnce,
-            false,
-            message.encode(),
-        )
-        .await
-        .unwrap();
+    send_as_control_plane(&fleet, "edge-2", 1_000, None, &first_key).await;
     let rejected = fleet
         .wait_api("/events?kind=desired_state_rejected", |page| {
             page["events"].as_array().is_some_and(|e| e.len() > before)
@@ -513,6 +528,39 @@ async fn a_key_set_moves_the_fleet_to_a_new_control_plane_key() {
         "{rejected:#}"
     );
     fleet.shutdown().await;
+}
+
+/// Publishes a desired state for `agent` naming `bundle`, numbered `generation` and signed by
+/// `key`, as whoever holds that control-plane key could.
+async fn send_as_control_plane(
+    fleet: &Fleet,
+    agent: &str,
+    generation: u64,
+    bundle: Option<flotilla_shared::wire::DesiredBundle>,
+    key: &SecretKey,
+) {
+    use flotilla_shared::wire::{topics, DesiredState, Envelope, SignedDesiredState};
+    let state = DesiredState {
+        agent: agent.into(),
+        generation,
+        bundle,
+        rollout: None,
+        issued_at_ms: 0,
+        key_sets: vec![],
+    };
+    let id = format!("intruder-{agent}-{generation}");
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(fleet.mqtt_options(&id), 16);
+    tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    let message = Envelope::new("control-plane", 1, 0, SignedDesiredState::sign(&state, key));
+    client
+        .publish(
+            topics::agent_desired(agent),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            message.encode(),
+        )
+        .await
+        .unwrap();
 }
 
 /// An MQTT client playing an agent that reports whatever key set the test says, and watches
@@ -573,26 +621,6 @@ impl FakeDevice {
         self.send(topics::agent_state(self.id), message).await;
     }
 
-    /// Says it applied key set `version`, which names `control_plane`.
-    async fn report_key_set(&self, version: u64, control_plane: flotilla_shared::KeyId) {
-        use flotilla_shared::wire::{topics, Envelope, Event, EventKind, Telemetry};
-        let event = Event {
-            session: 1,
-            rollout: None,
-            digest: None,
-            kind: EventKind::KeySetApplied {
-                version,
-                publishers: vec![],
-                threshold: 1,
-                control_plane: Some(control_plane),
-                reset_floors: vec![],
-                active_trusted: true,
-            },
-        };
-        let message = Envelope::new(self.id, 1, 0, Telemetry::Event(event)).encode();
-        self.send(topics::agent_telemetry(self.id), message).await;
-    }
-
     /// Goes offline and is forgotten, so later rollouts do not wait for it.
     async fn leave(&self, fleet: &Fleet) {
         use flotilla_shared::wire::{topics, Envelope, Presence};
@@ -615,17 +643,20 @@ impl FakeDevice {
         assert_eq!(answer.status(), 204, "{:?}", answer.text().await);
     }
 
-    /// The key that signed the next desired state sent to it.
-    async fn next_signer(&mut self) -> flotilla_shared::KeyId {
+    /// The keys that signed the next desired state sent to it: the main one, and the others.
+    async fn next_signers(&mut self) -> (flotilla_shared::KeyId, Vec<flotilla_shared::KeyId>) {
         use flotilla_shared::wire::{Envelope, SignedDesiredState};
         let payload = tokio::time::timeout(std::time::Duration::from_secs(30), self.desired.recv())
             .await
             .expect("a desired state arrives")
             .expect("watcher running");
-        Envelope::<SignedDesiredState>::decode(&payload)
+        let signed = Envelope::<SignedDesiredState>::decode(&payload)
             .expect("a desired state")
-            .body
-            .key_id
+            .body;
+        (
+            signed.key_id,
+            signed.also.iter().map(|s| s.key_id).collect(),
+        )
     }
 }
 

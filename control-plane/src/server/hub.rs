@@ -97,7 +97,7 @@ pub struct Hub {
     key_dir: PathBuf,
     /// The publisher keys trusted now (`None`: none configured, every upload is refused).
     trust: Option<TrustedKeys>,
-    /// The key sets that followed the configured keys, oldest first; what agents are sent.
+    /// Every key set kept, oldest first; what desired states carry.
     key_sets: Vec<SignedKeySet>,
     agent_timeout_ms: u64,
     assign_new_agents: bool,
@@ -168,11 +168,17 @@ impl Hub {
             .into_iter()
             .map(|r| (r.id().to_owned(), r))
             .collect();
-        let (trust, accepted) = load_trust(&store, &settings)?;
+        let trust = load_trust(&store, &settings)?;
+        // Every kept set goes to agents, those at or below the configured version too: agents
+        // configured with older keys still need them, and their control-plane keys sign.
+        let key_sets = store.key_sets()?;
         let first_key = settings.key.public().id();
         let mut keys = BTreeMap::from([(first_key, settings.key)]);
         let mut key_changes = Vec::new();
-        for set in accepted.iter().map(|a| &a.set) {
+        for signed in &key_sets {
+            let set = signed
+                .key_set()
+                .context("a key set kept in the store does not decode")?;
             let Some(public) = set.control_plane else {
                 continue;
             };
@@ -187,9 +193,6 @@ impl Hub {
             }
             key_changes.push((set.version, public.id()));
         }
-        // Every kept set goes to agents, those at or below the configured version too: agents
-        // configured with older keys still need them.
-        let key_sets = store.key_sets()?;
         Ok(Self {
             store,
             keys,
@@ -276,14 +279,12 @@ impl Hub {
             .agents
             .entry(agent.to_owned())
             .or_insert_with(|| AgentRecord::new(agent, now_ms));
-        let key_set = record.key_set;
         let change = match &presence {
             Presence::Online(birth) => record.on_birth(birth, now_ms),
             Presence::Offline { session } => record.on_offline(*session, now_ms),
         };
         let record = record.clone();
         self.store.put_agent(&record)?;
-        self.key_set_reported(agent, key_set);
         self.presence_changed(&record, change, now_ms)
     }
 
@@ -352,7 +353,9 @@ impl Hub {
             .agents
             .values()
             .filter(|a| only.is_none_or(|id| id == a.id))
-            .filter(|a| a.online)
+            // One an active rollout holds (it joined before that rollout started) is the
+            // rollout's to move.
+            .filter(|a| a.online && self.rollouts_of(&a.id).is_empty())
             .filter_map(|a| {
                 // `None`: never had one; `Some(None)`: a state given here, no bundle;
                 // `Some(Some(d))`: running `d` by a state given here.
@@ -439,11 +442,9 @@ impl Hub {
             .agents
             .get_mut(agent)
             .expect("invariant: record made by on_telemetry");
-        let key_set = record.key_set;
         let change = record.on_heartbeat(heartbeat, now_ms);
         let record = record.clone();
         self.store.put_agent(&record)?;
-        self.key_set_reported(agent, key_set);
         if let Some(change) = change {
             self.presence_changed(&record, change, now_ms)?;
         }
@@ -459,7 +460,6 @@ impl Hub {
             .agents
             .get_mut(agent)
             .expect("invariant: record made by on_telemetry");
-        let key_set = record.key_set;
         match &event.kind {
             EventKind::Started { active } => record.active = active.clone(),
             EventKind::KeySetApplied { version, .. } => record.key_set = *version,
@@ -467,7 +467,6 @@ impl Hub {
         }
         let record = record.clone();
         self.store.put_agent(&record)?;
-        self.key_set_reported(agent, key_set);
         let (kind, message) = describe_event(agent, &event.kind);
         self.log(
             Some(agent),
@@ -548,34 +547,14 @@ impl Hub {
     /// The control-plane key agents on the newest key set require; what `GET /server/key`
     /// hands out for configuring new agents.
     pub fn control_plane_key(&self) -> PublicKey {
-        self.signing_key(u64::MAX).public()
-    }
-
-    /// The key desired states are signed with for an agent that trusts `key_set`: the one the
-    /// newest set up to it named, else the first.
-    fn signing_key(&self, key_set: u64) -> &SecretKey {
         let id = self
             .key_changes
-            .iter()
-            .take_while(|(version, _)| *version <= key_set)
             .last()
             .map_or(self.first_key, |(_, id)| *id);
-        &self.keys[&id]
+        self.keys[&id].public()
     }
 
-    /// After an agent reported the key set it trusts: when that moves it to another
-    /// control-plane key, its desired state is signed again with that key and republished.
-    fn key_set_reported(&mut self, agent: &str, before: u64) {
-        let Some(after) = self.agents.get(agent).map(|a| a.key_set) else {
-            return;
-        };
-        let moved = self.signing_key(before).public() != self.signing_key(after).public();
-        if let (true, Some(state)) = (moved, self.desired.get(agent).cloned()) {
-            self.publish_desired(&state);
-        }
-    }
-
-    /// The publisher keys trusted now, and the key sets that led to them, oldest first.
+    /// The publisher keys trusted now, and every key set kept, oldest first.
     pub fn trust(&self) -> (Option<&TrustedKeys>, &[SignedKeySet]) {
         (self.trust.as_ref(), &self.key_sets)
     }
@@ -680,6 +659,18 @@ impl Hub {
             }
             other => HubError::Invalid(format!("key set refused: {other}")),
         })?;
+        let chain_bytes: usize = self
+            .key_sets
+            .iter()
+            .chain(std::iter::once(&accepted.signed))
+            .map(|s| s.encode().len())
+            .sum();
+        if chain_bytes > flotilla_shared::keyset::MAX_CHAIN_BYTES {
+            return Err(HubError::Conflict(format!(
+                "the chain of key sets would be {chain_bytes} bytes, over the {} that every desired state can carry",
+                flotilla_shared::keyset::MAX_CHAIN_BYTES
+            )));
+        }
         self.learn_signers(&accepted.keys)?;
         let (agents, rollouts) = self.untrusted_under(&accepted.keys);
         let stranding = !agents.is_empty() || !rollouts.is_empty();
@@ -1041,7 +1032,8 @@ impl Hub {
         }
         self.store.put_rollout(&self.rollouts[id])?;
         if !self.rollouts[id].is_active() {
-            // It just finished: agents that were waiting for it join now.
+            // It just finished: agents that joined while it ran, or were waiting for a first
+            // release, move to what it left.
             self.assign_newcomers(None, now_ms)?;
         }
         Ok(())
@@ -1090,15 +1082,22 @@ impl Hub {
         Ok(())
     }
 
-    /// Signs and publishes (retained) an agent's desired state, with the key of the key set
-    /// it reported and the chain of key sets inside.
+    /// Signs and publishes (retained) an agent's desired state with the chain of key sets
+    /// inside, signed by the newest control-plane key and every earlier one, so an agent on
+    /// any key set can check it (and then follow the chain to the newest).
     fn publish_desired(&mut self, state: &DesiredState) {
-        let key_set = self.agents.get(&state.agent).map_or(0, |a| a.key_set);
         let state = DesiredState {
             key_sets: self.key_sets.clone(),
             ..state.clone()
         };
-        let signed = SignedDesiredState::sign(&state, self.signing_key(key_set));
+        let newest = self.control_plane_key().id();
+        let mut earlier: Vec<KeyId> = std::iter::once(self.first_key)
+            .chain(self.key_changes.iter().map(|(_, id)| *id))
+            .filter(|id| *id != newest)
+            .collect();
+        earlier.dedup();
+        let earlier: Vec<&SecretKey> = earlier.iter().map(|id| &self.keys[id]).collect();
+        let signed = SignedDesiredState::sign_all(&state, &self.keys[&newest], &earlier);
         self.seq += 1;
         let envelope = Envelope::new(SERVER_ID, self.seq, state.issued_at_ms, signed);
         let _ = self.out.send(Outgoing {
@@ -1142,10 +1141,7 @@ enum Drop {
 /// The configured publisher keys, moved on by the key sets the store kept. A kept set that no
 /// longer follows them (the configuration names other keys) stops the server: agents follow
 /// the same chain, so the two must agree.
-fn load_trust(
-    store: &Store,
-    settings: &HubSettings,
-) -> Result<(Option<TrustedKeys>, Vec<Accepted>)> {
+fn load_trust(store: &Store, settings: &HubSettings) -> Result<Option<TrustedKeys>> {
     let kept = store.key_sets()?;
     if settings.publishers.is_empty() {
         if !kept.is_empty() {
@@ -1154,7 +1150,7 @@ fn load_trust(
                 kept.len()
             );
         }
-        return Ok((None, Vec::new()));
+        return Ok(None);
     }
     let configured = TrustedKeys::new(
         settings.key_set,
@@ -1169,11 +1165,12 @@ fn load_trust(
              (trust.publishers, trust.threshold, trust.key_set): {e}"
         );
     }
-    let trust = followed
-        .accepted
-        .last()
-        .map_or(configured, |a| a.keys.clone());
-    Ok((Some(trust), followed.accepted))
+    Ok(Some(
+        followed
+            .accepted
+            .last()
+            .map_or(configured, |a| a.keys.clone()),
+    ))
 }
 
 /// The secret half of a control-plane key a key set names, from `DIR/control-plane-ID.key`.

@@ -411,6 +411,10 @@ pub struct SignedDesiredState {
     /// Ed25519 signature over `state`.
     #[serde(with = "serde_bytes")]
     pub signature: Vec<u8>,
+    /// Signatures over `state` by the control plane's earlier keys, which agents that have not
+    /// followed the key set naming the newest one still trust.
+    #[serde(default)]
+    pub also: Vec<crate::bundle::Signature>,
 }
 
 /// Why a signed desired state was refused.
@@ -430,22 +434,40 @@ pub enum DesiredStateError {
 impl SignedDesiredState {
     /// Encodes and signs `state` with the control plane's key.
     pub fn sign(state: &DesiredState, key: &SecretKey) -> Self {
+        Self::sign_all(state, key, &[])
+    }
+
+    /// Encodes and signs `state` with the control plane's newest key and each earlier one.
+    pub fn sign_all(state: &DesiredState, newest: &SecretKey, earlier: &[&SecretKey]) -> Self {
         let bytes = serde_cbor::to_vec(state).expect("invariant: wire types always encode as CBOR");
-        let signature = key.sign(&bytes).to_vec();
+        let also = earlier
+            .iter()
+            .map(|key| crate::bundle::Signature {
+                key_id: key.public().id(),
+                signature: key.sign(&bytes).to_vec(),
+            })
+            .collect();
         Self {
+            signature: newest.sign(&bytes).to_vec(),
+            key_id: newest.public().id(),
             state: bytes,
-            key_id: key.public().id(),
-            signature,
+            also,
         }
     }
 
-    /// Checks the signature against the control plane's key, then decodes.
+    /// Checks the signature by the control plane's key (the main one, or one of `also`),
+    /// then decodes.
     pub fn open(&self, control_plane: &PublicKey) -> Result<DesiredState, DesiredStateError> {
-        if self.key_id != control_plane.id() {
-            return Err(DesiredStateError::UnknownKey(self.key_id));
-        }
-        let signature: &[u8; 64] = self
-            .signature
+        let id = control_plane.id();
+        let signature = if self.key_id == id {
+            &self.signature
+        } else {
+            match self.also.iter().find(|s| s.key_id == id) {
+                Some(also) => &also.signature,
+                None => return Err(DesiredStateError::UnknownKey(self.key_id)),
+            }
+        };
+        let signature: &[u8; 64] = signature
             .as_slice()
             .try_into()
             .map_err(|_| DesiredStateError::BadSignature)?;
@@ -525,6 +547,37 @@ mod tests {
             tampered.open(&cp.public()),
             Err(DesiredStateError::BadSignature)
         );
+    }
+
+    #[test]
+    fn a_state_signed_by_the_newest_and_earlier_keys_opens_with_any_of_them() {
+        let (first, newest, stranger) = (
+            SecretKey::from_seed([5; 32]),
+            SecretKey::from_seed([7; 32]),
+            SecretKey::from_seed([8; 32]),
+        );
+        let state = DesiredState {
+            agent: "edge-1".into(),
+            generation: 4,
+            bundle: None,
+            rollout: None,
+            issued_at_ms: 1,
+            key_sets: vec![],
+        };
+        let signed = SignedDesiredState::sign_all(&state, &newest, &[&first]);
+        assert_eq!(signed.open(&newest.public()).unwrap(), state);
+        assert_eq!(signed.open(&first.public()).unwrap(), state);
+        assert!(matches!(
+            signed.open(&stranger.public()),
+            Err(DesiredStateError::UnknownKey(_))
+        ));
+        let mut forged = signed.clone();
+        forged.also[0].signature[0] ^= 1;
+        assert_eq!(
+            forged.open(&first.public()),
+            Err(DesiredStateError::BadSignature)
+        );
+        assert_eq!(forged.open(&newest.public()).unwrap(), state);
     }
 
     #[test]

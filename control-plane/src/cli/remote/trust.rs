@@ -61,7 +61,7 @@ fn describe(trust: &Value) -> String {
     ));
     let chain = trust["key_sets"].as_array().cloned().unwrap_or_default();
     if !chain.is_empty() {
-        text.push_str("key sets pushed after the configured keys:\n");
+        text.push_str("key sets kept (what every desired state carries):\n");
         let mut table = Table::new(&[
             "VERSION",
             "KEYS",

@@ -378,7 +378,7 @@ async fn get_bundle(
 
 // ---- trust -----------------------------------------------------------------------------
 
-/// The publisher keys trusted now, the key sets pushed after the configured ones, and the
+/// The publisher keys and control-plane key trusted now, every key set kept, and the
 /// agents that report an older key set.
 #[utoipa::path(get, path = "/api/v1/trust", tag = "trust", security(("bearer" = [])),
     responses((status = 200, body = TrustView)))]

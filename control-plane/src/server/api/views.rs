@@ -54,7 +54,7 @@ pub struct TrustView {
     pub publishers: Vec<PublisherView>,
     /// Id of the control-plane key agents on this key set require, hex.
     pub control_plane: String,
-    /// The key sets pushed after the configured keys, oldest first.
+    /// Every key set kept (what desired states carry), oldest first.
     pub key_sets: Vec<KeySetView>,
     /// Agents whose latest report names an older key set (0: none reported yet).
     pub behind: Vec<AgentKeySet>,
