@@ -72,8 +72,8 @@ pub enum Command {
     },
     /// Run the whole system locally: a control plane, agents, staged rollouts, rollbacks.
     Demo(DemoArgs),
-    /// Run the control plane (embedded MQTT broker unless --broker), make API tokens, or
-    /// restore a backup.
+    /// Run the control plane (embedded MQTT broker unless --broker), make API tokens or a new
+    /// control-plane key, or restore a backup.
     Server {
         /// `token` to make an API token, `new-key` to make a control-plane key, `restore` to
         /// restore a backup; nothing to run the server.
@@ -258,7 +258,7 @@ pub enum KeysetCommand {
         #[command(flatten)]
         remote: RemoteArgs,
     },
-    /// The key set a control plane trusts, the chain before it, and agents on an older one.
+    /// The key set a control plane trusts, every key set it keeps, and agents on an older one.
     Status {
         /// Print the API's JSON instead of text.
         #[arg(long)]
