@@ -383,10 +383,12 @@ fn follow_key_sets(shared: &Shared, chain: &[SignedKeySet]) {
         Err(e) => return refuse_trust(shared, format!("{e:#}")),
     };
     let active = shared.slot.current();
-    for accepted in &followed.accepted {
-        let active_trusted = active
+    // Against the keys trusted now, after the whole chain: one header read however many sets.
+    let active_trusted = followed.accepted.is_empty()
+        || active
             .as_ref()
             .is_none_or(|m| shared.installer.kept_is_trusted(&m.digest));
+    for accepted in &followed.accepted {
         if !active_trusted {
             warn!(
                 key_set = accepted.keys.version(),

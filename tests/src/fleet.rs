@@ -254,13 +254,7 @@ impl Fleet {
     /// Rolls the uploaded `MODEL@version` out to every agent in one wave without bake and
     /// waits until the rollout completes; returns its id.
     pub async fn roll_out_everywhere(&self, version: &str) -> String {
-        let id = self
-            .rollout(serde_json::json!({
-                "bundle": format!("{}@{version}", crate::procs::MODEL),
-                "selector": "",
-                "waves": [{ "size": { "percent": 100 }, "bake_secs": 0 }],
-            }))
-            .await;
+        let id = self.rollout(one_wave(version, "", 0)).await;
         self.wait_rollout(&id, |r| r["state"] == "completed").await;
         id
     }
@@ -307,6 +301,16 @@ impl Fleet {
     fn url(&self, path: &str) -> String {
         format!("http://{}/api/v1{path}", self.server().api_addr)
     }
+}
+
+/// A rollout spec for `MODEL@version`: the agents `selector` matches, in one wave of 100 %
+/// baking `bake_secs`.
+pub fn one_wave(version: &str, selector: &str, bake_secs: u64) -> Value {
+    serde_json::json!({
+        "bundle": format!("{}@{version}", crate::procs::MODEL),
+        "selector": selector,
+        "waves": [{ "size": { "percent": 100 }, "bake_secs": bake_secs }],
+    })
 }
 
 /// Calls to a control plane's REST API, shared by the in-process and the process harnesses.

@@ -12,7 +12,9 @@ mod broker;
 use flotilla_agent::config::BrokerConfig;
 use flotilla_control_plane::server::config::BrokerTls;
 use flotilla_shared::wire::{topics, Chunk, ChunkPart, ChunkRequest, Envelope, Presence};
-use flotilla_tests::fleet::{traffic, Fleet, Mosquitto, ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN};
+use flotilla_tests::fleet::{
+    one_wave, traffic, Fleet, Mosquitto, ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN,
+};
 use flotilla_tests::{pack_signed, pack_signed_with, run_flotilla, set_release};
 use rumqttc::{AsyncClient, QoS};
 use serde_json::{json, Value};
@@ -748,20 +750,11 @@ async fn a_bundle_leaves_memory_once_nobody_downloads_it_and_is_served_again_aft
     fleet.shutdown().await;
 }
 
-/// One wave of 100 % and no bake, for `selector`.
-fn rollout_spec(version: &str, selector: &str, bake_secs: u64) -> Value {
-    json!({
-        "bundle": format!("{MODEL}@{version}"),
-        "selector": selector,
-        "waves": [{ "size": { "percent": 100 }, "bake_secs": bake_secs }],
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_agent_joins_at_the_release_completed_for_agents_like_it() {
     let (mut fleet, _) = fleet_on_v1().await;
     fleet.upload(release("2.0.0", 2, &fleet)).await;
-    let v2 = fleet.rollout(rollout_spec("2.0.0", "site=a", 0)).await;
+    let v2 = fleet.rollout(one_wave("2.0.0", "site=a", 0)).await;
     fleet.wait_rollout(&v2, |r| r["state"] == "completed").await;
 
     // Replacement devices: one at each site, after the rollouts that reached their peers.
@@ -795,7 +788,7 @@ async fn a_new_agent_joins_at_the_release_completed_for_agents_like_it() {
     // One joining while a rollout that would reach it runs is given the release that rollout
     // would replace, and stays there when the rollout is aborted.
     fleet.upload(release("3.0.0", 3, &fleet)).await;
-    let v3 = fleet.rollout(rollout_spec("3.0.0", "site=b", 3600)).await;
+    let v3 = fleet.rollout(one_wave("3.0.0", "site=b", 3600)).await;
     fleet
         .wait_rollout(&v3, |r| r["status"]["stage"] == "baking")
         .await;
@@ -846,7 +839,7 @@ async fn a_new_agent_joins_at_the_release_completed_for_agents_like_it() {
     );
 
     // One joining while a rollout runs that then completes follows it to the new release.
-    let v31 = fleet.rollout(rollout_spec("3.0.0", "site=b", 8)).await;
+    let v31 = fleet.rollout(one_wave("3.0.0", "site=b", 8)).await;
     fleet
         .wait_rollout(&v31, |r| r["status"]["stage"] == "baking")
         .await;

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use flotilla_shared::{KeySet, SecretKey, SignedKeySet};
-use flotilla_tests::fleet::{Fleet, ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN};
+use flotilla_tests::fleet::{one_wave, Fleet, ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN};
 use flotilla_tests::procs::MODEL;
 use flotilla_tests::{pack_signed_with, run_flotilla, set_release, write_public_key};
 use serde_json::{json, Value};
@@ -49,6 +49,17 @@ fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock after 1970")
         .as_millis() as u64
+}
+
+/// Rolls `version` out to every agent while edge-2 is away, brings edge-2 back once edge-1
+/// serves it, and waits for the rollout to complete on both.
+async fn roll_out_as_edge_2_returns(fleet: &mut Fleet, version: &str) {
+    let rollout = fleet.rollout(one_wave(version, "", 0)).await;
+    fleet.wait_version("edge-1", version).await;
+    fleet.start_agent("edge-2", &[("site", "a")]);
+    fleet
+        .wait_rollout(&rollout, |r| r["state"] == "completed")
+        .await;
 }
 
 /// Checks that an API answer is the refusal `status` with `words` in its error.
@@ -179,18 +190,7 @@ async fn a_pushed_key_set_reaches_every_agent_and_retires_the_old_key() {
     // A release only key set 3 trusts reaches edge-2 when it returns: the chain comes inside
     // its desired state, so it trusts the third key before it looks at the bundle.
     fleet.upload(release(&third, "3.0.0", 3)).await;
-    let rollout = fleet
-        .rollout(json!({
-            "bundle": format!("{MODEL}@3.0.0"),
-            "selector": "",
-            "waves": [{ "size": { "percent": 100 }, "bake_secs": 0 }],
-        }))
-        .await;
-    fleet.wait_version("edge-1", "3.0.0").await;
-    fleet.start_agent("edge-2", &[("site", "a")]);
-    fleet
-        .wait_rollout(&rollout, |r| r["state"] == "completed")
-        .await;
+    roll_out_as_edge_2_returns(&mut fleet, "3.0.0").await;
     let trust = wait_caught_up(&fleet, 3).await;
     assert_eq!(trust["publishers"].as_array().map(Vec::len), Some(2));
     let applied = events(&fleet, "key_set_applied").await;
@@ -222,11 +222,7 @@ async fn a_pushed_key_set_reaches_every_agent_and_retires_the_old_key() {
         400,
         "unknown keys",
     );
-    let spec = json!({
-        "bundle": format!("{MODEL}@1.0.0"),
-        "selector": "",
-        "waves": [{ "size": { "percent": 100 }, "bake_secs": 0 }],
-    });
+    let spec = one_wave("1.0.0", "", 0);
     assert_refused(
         fleet
             .post(
@@ -477,22 +473,10 @@ async fn a_key_set_moves_the_fleet_to_a_new_control_plane_key() {
         "the newest key is handed out"
     );
 
-    // edge-1 is sent desired states signed with the new key. edge-2 returns still trusting
-    // the first key, is sent its state signed with that, learns key set 2, and from then on
-    // is sent states signed with the new key: the rollout completes on both.
+    // edge-2 returns still trusting the first key: its state is signed by the first key too,
+    // so it can check it and learn key set 2 from it. The rollout completes on both.
     fleet.upload(release(&publisher, "2.0.0", 2)).await;
-    let rollout = fleet
-        .rollout(json!({
-            "bundle": format!("{MODEL}@2.0.0"),
-            "selector": "",
-            "waves": [{ "size": { "percent": 100 }, "bake_secs": 0 }],
-        }))
-        .await;
-    fleet.wait_version("edge-1", "2.0.0").await;
-    fleet.start_agent("edge-2", &[("site", "a")]);
-    fleet
-        .wait_rollout(&rollout, |r| r["state"] == "completed")
-        .await;
+    roll_out_as_edge_2_returns(&mut fleet, "2.0.0").await;
     wait_caught_up(&fleet, 2).await;
 
     // Every state is signed by the new key and by the first, whatever key set its agent
@@ -563,8 +547,8 @@ async fn send_as_control_plane(
         .unwrap();
 }
 
-/// An MQTT client playing an agent that reports whatever key set the test says, and watches
-/// who signs the desired states sent to it.
+/// An MQTT client playing an agent that reports whatever key set the test says in its birth,
+/// and watches who signs the desired states sent to it.
 struct FakeDevice {
     id: &'static str,
     client: rumqttc::AsyncClient,
@@ -673,13 +657,7 @@ async fn a_bundle_signed_ahead_by_the_new_keys_counts_as_theirs_at_the_rotation(
     };
     let record = fleet.upload(both).await;
     assert_eq!(record["signed_by"], json!([old.public().id().0.to_hex()]));
-    let rollout = fleet
-        .rollout(json!({
-            "bundle": format!("{MODEL}@2.0.0"),
-            "selector": "",
-            "waves": [{ "size": { "percent": 100 }, "bake_secs": 3600 }],
-        }))
-        .await;
+    let rollout = fleet.rollout(one_wave("2.0.0", "", 3600)).await;
     fleet.wait_version("edge-1", "2.0.0").await;
 
     // Straight to the fresh key alone. While the rollout runs it could send edge-1 back to
