@@ -194,10 +194,35 @@ pub fn write_public_key(dir: &Path, name: &str, key: &flotilla_shared::SecretKey
     path
 }
 
-/// A free TCP port on 127.0.0.1 (free when asked; bind soon).
+/// A TCP port on 127.0.0.1 that was free when asked and that no other caller in this process
+/// has been given; bind it soon.
+///
+/// Ports come from just below the kernel's ephemeral range. Asking the kernel for port 0
+/// would hand out a port from that range, where any outgoing connection (an MQTT client, a
+/// test's HTTP client) may take it before the server meant to listen there binds it; and it
+/// may hand the same port to two parallel tests.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::OnceLock;
+    const SPAN: u32 = 8192;
+    static START: OnceLock<u32> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = *START.get_or_init(|| {
+        let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+            .unwrap_or(32768);
+        ephemeral_low.saturating_sub(SPAN).max(1024)
+    });
+    // Test binaries run one after another; starting each at its own offset keeps one clear
+    // of ports a previous one's stray children may still hold.
+    let offset = std::process::id() % SPAN;
+    for _ in 0..SPAN {
+        let port = start + (offset + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        let port = u16::try_from(port).expect("invariant: below the ephemeral range");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {start}..{}", start + SPAN);
 }
