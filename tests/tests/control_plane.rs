@@ -874,6 +874,83 @@ async fn a_new_agent_joins_at_the_release_completed_for_agents_like_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_a_rollout_holds_is_not_moved_by_another_rollout_completing() {
+    let mut fleet = Fleet::start().await;
+    for (version, sequence) in [("2.0.0", 2), ("3.0.0", 3)] {
+        fleet.upload(release(version, sequence, &fleet)).await;
+    }
+    fleet.start_agent("edge-c0", &[("site", "c")]);
+    fleet.wait_online(&["edge-c0"]).await;
+    let release_c = fleet.rollout(one_wave("2.0.0", "site=c", 20)).await;
+    fleet
+        .wait_rollout(&release_c, |r| r["status"]["stage"] == "baking")
+        .await;
+
+    // Two agents join while it bakes, and a rollout for them starts whose second wave waits
+    // on an hour-long canary.
+    for id in ["edge-c1", "edge-c2"] {
+        fleet.start_agent(id, &[("site", "c"), ("tier", "x")]);
+    }
+    fleet.wait_online(&["edge-c1", "edge-c2"]).await;
+    let hold = fleet
+        .rollout(serde_json::json!({
+            "bundle": format!("{MODEL}@3.0.0"),
+            "selector": "tier=x",
+            "waves": [
+                { "size": { "count": 1 }, "bake_secs": 3600 },
+                { "size": { "percent": 100 }, "bake_secs": 0 },
+            ],
+        }))
+        .await;
+    let view = fleet
+        .wait_rollout(&hold, |r| r["status"]["stage"] == "baking")
+        .await;
+    let (_, first) = fleet
+        .get(&format!("/rollouts/{release_c}"), Some(VIEWER_TOKEN))
+        .await;
+    assert_eq!(
+        first["state"], "wave",
+        "the first rollout ended too soon: {first:#}"
+    );
+    let held = ["edge-c1", "edge-c2"]
+        .into_iter()
+        .find(|id| view["agents"][*id]["wave"] == 1)
+        .expect("one agent waits in the second wave");
+
+    // The first rollout completes: its release is now the one for the held agent's labels,
+    // but the rollout holding it decides what it runs.
+    fleet
+        .wait_rollout(&release_c, |r| r["state"] == "completed")
+        .await;
+    fleet.wait_version("edge-c0", "2.0.0").await;
+    let (_, record) = fleet
+        .get(&format!("/agents/{held}"), Some(VIEWER_TOKEN))
+        .await;
+    assert!(record["desired"].is_null(), "{record:#}");
+    let assigned = format!("/events?kind=agent_assigned&agent={held}");
+    let (_, page) = fleet.get(&assigned, Some(VIEWER_TOKEN)).await;
+    assert_eq!(page["events"], serde_json::json!([]), "{page:#}");
+
+    // Once that rollout is aborted, nothing holds it and it joins the release.
+    let (status, body) = fleet
+        .post(
+            &format!("/rollouts/{hold}/abort"),
+            b"{}".to_vec(),
+            Some(OPERATOR_TOKEN),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    fleet.wait_version(held, "2.0.0").await;
+    let (_, page) = fleet.get(&assigned, Some(VIEWER_TOKEN)).await;
+    assert_eq!(
+        page["events"][0]["detail"]["from_rollout"],
+        release_c.as_str(),
+        "{page:#}"
+    );
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_assignment_off_a_new_agent_waits_for_a_rollout() {
     let fleet = Fleet::start_with(|config| config.assign_new_agents = false).await;
     let (mut fleet, _) = on_v1(fleet).await;
