@@ -7,8 +7,8 @@
 //! the hub's lock, so they are consistent with each other; bundle payloads are immutable and
 //! content-addressed and are read afterwards, one at a time.
 //!
-//! Keys are not in the backup: `control-plane.key` and `admin.token` are written once, at the
-//! first start, and are copied separately (the API never hands out the signing key).
+//! Keys are not in the backup: `control-plane.key`, any `control-plane-ID.key` a key set moved
+//! to, and `admin.token` are copied separately (the API never hands out a signing key).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -22,8 +22,11 @@ use super::store::{Snapshot, Store, TREES};
 
 /// What [`Header::format`] says.
 pub const FORMAT: &str = "flotilla-backup";
-/// The format version this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The format version this build writes: 2 added the `trust` tree (key sets). Version 1
+/// files, which have no such tree, read the same.
+pub const VERSION: u32 = 2;
+/// The oldest format version this build reads.
+pub const OLDEST_READ: u32 = 1;
 
 /// The first item: what the file is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -116,12 +119,13 @@ impl std::fmt::Display for Summary {
         let count = |tree: &str| self.records.get(tree).copied().unwrap_or(0);
         write!(
             f,
-            "{} agents, {} bundles ({} bytes), {} rollouts, {} desired states, {} events",
+            "{} agents, {} bundles ({} bytes), {} rollouts, {} desired states, {} key sets, {} events",
             count("agents"),
             count("bundles"),
             self.payload_bytes,
             count("rollouts"),
             count("desired"),
+            count("trust"),
             count("events"),
         )
     }
@@ -130,19 +134,15 @@ impl std::fmt::Display for Summary {
 /// Writes the backup of `snapshot` (taken from `store` under the hub's lock) to `out`: the
 /// snapshot's records, then each bundle payload it names, read from `store` as it goes.
 pub fn write(store: &Store, snapshot: Snapshot, created_ms: u64, out: impl Write) -> Result<()> {
-    let mut out = ItemWriter {
+    let mut out = ItemWriter::start(
         out,
-        checksum: Checksum::default(),
-        entries: 0,
-    };
-    let header = Header {
-        format: FORMAT.into(),
-        version: VERSION,
-        created_ms,
-        server_version: env!("CARGO_PKG_VERSION").into(),
-    };
-    out.checksum.header(&header);
-    out.item(&Item::Header(header))?;
+        Header {
+            format: FORMAT.into(),
+            version: VERSION,
+            created_ms,
+            server_version: env!("CARGO_PKG_VERSION").into(),
+        },
+    )?;
     for (tree, key, value) in snapshot.records {
         out.entry(Entry {
             tree: tree.into(),
@@ -160,12 +160,7 @@ pub fn write(store: &Store, snapshot: Snapshot, created_ms: u64, out: impl Write
             value,
         })?;
     }
-    let end = End {
-        entries: out.entries,
-        sha256: std::mem::take(&mut out.checksum).finish(),
-    };
-    out.item(&Item::End(end))?;
-    out.out.flush().context("cannot write the backup")
+    out.finish()?.flush().context("cannot write the backup")
 }
 
 struct ItemWriter<W> {
@@ -175,6 +170,27 @@ struct ItemWriter<W> {
 }
 
 impl<W: Write> ItemWriter<W> {
+    fn start(out: W, header: Header) -> Result<Self> {
+        let mut writer = Self {
+            out,
+            checksum: Checksum::default(),
+            entries: 0,
+        };
+        writer.checksum.header(&header);
+        writer.item(&Item::Header(header))?;
+        Ok(writer)
+    }
+
+    /// Writes the end: the entry count and the digest.
+    fn finish(mut self) -> Result<W> {
+        let end = End {
+            entries: self.entries,
+            sha256: std::mem::take(&mut self.checksum).finish(),
+        };
+        self.item(&Item::End(end))?;
+        Ok(self.out)
+    }
+
     fn item(&mut self, item: &Item) -> Result<()> {
         serde_cbor::to_writer(&mut self.out, item).context("cannot write the backup")
     }
@@ -202,9 +218,10 @@ pub fn read(input: impl Read, mut take: impl FnMut(Entry) -> Result<()>) -> Resu
         Some(Item::Header(header)) if header.format == FORMAT => header,
         _ => bail!("not a flotilla backup (no {FORMAT} header)"),
     };
-    if header.version != VERSION {
+    if !(OLDEST_READ..=VERSION).contains(&header.version) {
         bail!(
-            "backup format version {} (written by flotilla {}); this build reads version {VERSION}",
+            "backup format version {} (written by flotilla {}); this build reads versions \
+             {OLDEST_READ} to {VERSION}",
             header.version,
             header.server_version
         );
@@ -299,6 +316,7 @@ mod tests {
             ("payloads", "abc", "the bundle's bytes"),
             ("desired", "edge-1", "desired state"),
             ("rollouts", "r-1", "rollout"),
+            ("trust", "key-set-2", "key set"),
         ] {
             store
                 .insert_raw(tree, key.as_bytes(), value.as_bytes())
@@ -344,7 +362,7 @@ mod tests {
         let bytes = backup_of(&store);
 
         let taken = entries(&bytes).unwrap();
-        assert_eq!(taken.len(), 7);
+        assert_eq!(taken.len(), 8);
         let payload = taken.iter().find(|e| e.tree == "payloads").unwrap();
         assert_eq!(payload.value, b"the bundle's bytes");
         let summary = read(&bytes[..], |_| Ok(())).unwrap();
@@ -389,7 +407,7 @@ mod tests {
         );
         // Cut between items (just before the end) and in the middle of one.
         let end = Item::End(End {
-            entries: 7,
+            entries: 8,
             sha256: vec![0; 32],
         });
         let end_len = serde_cbor::to_vec(&end).unwrap().len();
@@ -432,5 +450,43 @@ mod tests {
         restore(&file, &new).unwrap();
         let err = restore(&file, &new).unwrap_err().to_string();
         assert!(err.contains("already holds a database"), "{err}");
+    }
+
+    /// A backup of `records` with a header claiming `version`.
+    fn backup_as(version: u32, records: &[(&str, &str, &str)]) -> Vec<u8> {
+        let header = Header {
+            format: FORMAT.into(),
+            version,
+            created_ms: 7,
+            server_version: "0.0.1".into(),
+        };
+        let mut out = ItemWriter::start(Vec::new(), header).unwrap();
+        for (tree, key, value) in records {
+            out.entry(Entry {
+                tree: (*tree).into(),
+                key: key.as_bytes().to_vec(),
+                value: value.as_bytes().to_vec(),
+            })
+            .unwrap();
+        }
+        out.finish().unwrap()
+    }
+
+    #[test]
+    fn a_version_1_backup_reads_and_a_newer_one_is_refused_by_name() {
+        let records = [("agents", "edge-1", "agent record")];
+        let summary = read(&backup_as(1, &records)[..], |_| Ok(())).unwrap();
+        assert_eq!(summary.records["agents"], 1);
+        assert!(summary.to_string().contains("0 key sets"), "{summary}");
+
+        let err = entries(&backup_as(VERSION + 1, &records))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("format version {}", VERSION + 1))
+                && err.contains("written by flotilla 0.0.1")
+                && err.contains(&format!("reads versions 1 to {VERSION}")),
+            "{err}"
+        );
     }
 }
