@@ -562,7 +562,7 @@ impl Hub {
     /// Agents whose served bundle key set `keys` would not trust, as `agent (name@version)`,
     /// and active rollouts whose bundle, or whose rollback target for an agent it updated, it
     /// would not trust.
-    pub fn untrusted_under(&self, keys: &TrustedKeys) -> (Vec<String>, Vec<String>) {
+    fn untrusted_under(&self, keys: &TrustedKeys) -> (Vec<String>, Vec<String>) {
         let trusted = |digest: &Sha256Digest| self.trusted_by(keys, digest);
         let agents = self
             .agents
@@ -588,50 +588,74 @@ impl Hub {
         (agents, rollouts)
     }
 
+    /// The key set that would follow the trusted one, checked but not kept; what a caller
+    /// needs to look for new signers with [`SignerScan::run`] before [`Hub::add_key_set`].
+    pub fn check_key_set(&self, signed: &SignedKeySet) -> Result<Accepted, HubError> {
+        self.trusted_keys()?.next(signed).map_err(|e| match e {
+            KeySetError::NotNewer { .. } | KeySetError::Skips { .. } => {
+                HubError::Conflict(e.to_string())
+            }
+            other => HubError::Invalid(format!("key set refused: {other}")),
+        })
+    }
+
+    /// Each held bundle with the publisher keys of `keys` not counted among its signers.
+    pub fn unlearned_signers(&self, keys: &TrustedKeys) -> Vec<(Sha256Digest, Vec<PublicKey>)> {
+        self.bundles
+            .values()
+            .filter_map(|record| {
+                let known = signers_of(record);
+                let new: Vec<PublicKey> = keys
+                    .publishers()
+                    .iter()
+                    .filter(|k| !known.contains(&k.id()))
+                    .copied()
+                    .collect();
+                (!new.is_empty()).then_some((record.digest, new))
+            })
+            .collect()
+    }
+
     /// Adds to each held bundle's `signed_by` the keys of `keys` whose signatures on it verify
     /// but were not counted at upload (signed by a key not trusted then), so a bundle signed
-    /// by the old and the new keys before a rotation counts as signed by the new ones.
-    fn learn_signers(&mut self, keys: &TrustedKeys) -> Result<(), HubError> {
-        let digests: Vec<Sha256Digest> = self.bundles.keys().copied().collect();
-        for digest in digests {
-            let known = signers_of(&self.bundles[&digest]);
-            let new: Vec<&flotilla_shared::PublicKey> = keys
-                .publishers()
-                .iter()
-                .filter(|k| !known.contains(&k.id()))
-                .collect();
-            if new.is_empty() {
-                continue;
-            }
-            let Some(bytes) = self.store.bundle_bytes(&digest)? else {
-                continue;
-            };
-            let (manifest, signatures, _) = flotilla_shared::Bundle::parse_header(&bytes)
-                .map_err(|e| HubError::Internal(anyhow::anyhow!("held bundle {digest}: {e}")))?;
-            let learned: Vec<KeyId> = new
+    /// by the old and the new keys before a rotation counts as signed by the new ones. Uses
+    /// what `scan` found, and reads only bundles it did not look at (uploaded since).
+    fn learn_signers(&mut self, keys: &TrustedKeys, scan: SignerScan) -> Result<(), HubError> {
+        let mut missed = Vec::new();
+        for (digest, new) in self.unlearned_signers(keys) {
+            let (seen, unseen): (Vec<PublicKey>, Vec<PublicKey>) = new
                 .into_iter()
-                .filter(|key| {
-                    signatures.iter().any(|s| {
-                        s.key_id == key.id()
-                            && <&[u8; 64]>::try_from(s.signature.as_slice())
-                                .is_ok_and(|sig| key.verify_strict(manifest, sig))
-                    })
-                })
-                .map(|key| key.id())
-                .collect();
-            if learned.is_empty() {
-                continue;
+                .partition(|key| scan.verdicts.contains_key(&(digest, key.id())));
+            if !unseen.is_empty() {
+                missed.push((digest, unseen));
             }
-            let record = self
-                .bundles
-                .get_mut(&digest)
-                .expect("invariant: iterating held digests");
-            record
-                .signed_by
-                .extend(learned.iter().map(|id| id.0.to_hex()));
-            let record = record.clone();
-            self.store.put_bundle_record(&record)?;
+            let found: Vec<KeyId> = seen
+                .iter()
+                .map(PublicKey::id)
+                .filter(|id| scan.verdicts[&(digest, *id)])
+                .collect();
+            self.add_signers(&digest, &found)?;
         }
+        let late = SignerScan::run(&self.store, missed)?;
+        for ((digest, id), signed) in late.verdicts {
+            if signed {
+                self.add_signers(&digest, &[id])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn add_signers(&mut self, digest: &Sha256Digest, ids: &[KeyId]) -> Result<(), HubError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let record = self
+            .bundles
+            .get_mut(digest)
+            .expect("invariant: called for held digests");
+        record.signed_by.extend(ids.iter().map(|id| id.0.to_hex()));
+        let record = record.clone();
+        self.store.put_bundle_record(&record)?;
         Ok(())
     }
 
@@ -650,15 +674,11 @@ impl Hub {
     pub fn add_key_set(
         &mut self,
         signed: SignedKeySet,
+        scan: SignerScan,
         force: bool,
         now_ms: u64,
     ) -> Result<Accepted, HubError> {
-        let accepted = self.trusted_keys()?.next(&signed).map_err(|e| match e {
-            KeySetError::NotNewer { .. } | KeySetError::Skips { .. } => {
-                HubError::Conflict(e.to_string())
-            }
-            other => HubError::Invalid(format!("key set refused: {other}")),
-        })?;
+        let accepted = self.check_key_set(&signed)?;
         let chain_bytes: usize = self
             .key_sets
             .iter()
@@ -671,7 +691,7 @@ impl Hub {
                 flotilla_shared::keyset::MAX_CHAIN_BYTES
             )));
         }
-        self.learn_signers(&accepted.keys)?;
+        self.learn_signers(&accepted.keys, scan)?;
         let (agents, rollouts) = self.untrusted_under(&accepted.keys);
         let stranding = !agents.is_empty() || !rollouts.is_empty();
         if stranding && !force {
@@ -1192,6 +1212,39 @@ fn signers_of(bundle: &BundleRecord) -> Vec<flotilla_shared::KeyId> {
         .collect()
 }
 
+/// Which publisher keys signed which held bundles, as read from the bundles' headers. Taken
+/// with [`SignerScan::run`] off the hub's lock, since it reads every bundle named, and handed
+/// to [`Hub::add_key_set`].
+#[derive(Debug, Default)]
+pub struct SignerScan {
+    /// (bundle, key) → whether a signature by the key on the bundle's manifest verifies.
+    verdicts: BTreeMap<(Sha256Digest, KeyId), bool>,
+}
+
+impl SignerScan {
+    /// Checks, for each bundle named, whether each of its keys signed it. A bundle no longer
+    /// in the store is skipped.
+    pub fn run(store: &Store, candidates: Vec<(Sha256Digest, Vec<PublicKey>)>) -> Result<Self> {
+        let mut verdicts = BTreeMap::new();
+        for (digest, keys) in candidates {
+            let Some(bytes) = store.bundle_payload(&digest)? else {
+                continue;
+            };
+            let (manifest, signatures, _) = flotilla_shared::Bundle::parse_header(&bytes)
+                .with_context(|| format!("held bundle {digest} does not parse"))?;
+            for key in keys {
+                let signed = signatures.iter().any(|s| {
+                    s.key_id == key.id()
+                        && <&[u8; 64]>::try_from(s.signature.as_slice())
+                            .is_ok_and(|sig| key.verify_strict(manifest, sig))
+                });
+                verdicts.insert((digest, key.id()), signed);
+            }
+        }
+        Ok(Self { verdicts })
+    }
+}
+
 /// A short name and a sentence for an agent event.
 fn describe_event(agent: &str, kind: &EventKind) -> (&'static str, String) {
     match kind {
@@ -1325,5 +1378,99 @@ pub fn describe_rollout_event(id: &str, event: &RolloutEvent) -> String {
             "rollout {id} rolled back: {confirmed} confirmed, {} did not confirm",
             stragglers.len()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use flotilla_shared::{Bundle, KeySet};
+
+    use super::*;
+
+    const NOW_MS: u64 = 1_800_000_000_000;
+
+    fn hub(dir: &std::path::Path, publisher: &SecretKey) -> Hub {
+        let settings = HubSettings {
+            key: SecretKey::from_seed([9; 32]),
+            publishers: vec![publisher.public()],
+            threshold: 1,
+            key_set: 1,
+            key_dir: dir.to_owned(),
+            agent_timeout_ms: 10_000,
+            assign_new_agents: true,
+        };
+        let (out, _) = mpsc::unbounded_channel();
+        Hub::load(Store::open(dir).unwrap(), settings, out, NOW_MS).unwrap()
+    }
+
+    /// The test model packed and signed by `signers`.
+    fn bundle(signers: &[&SecretKey]) -> Vec<u8> {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-bert-embed");
+        let packed = crate::pack::pack(&dir, NOW_MS / 1000, &()).unwrap();
+        let mut bundle = Bundle::parse(&packed.bytes).unwrap();
+        for key in signers {
+            bundle.add_signature(key);
+        }
+        bundle.to_bytes()
+    }
+
+    fn next_set(publisher: &SecretKey, signers: &[&SecretKey]) -> SignedKeySet {
+        let mut signed = SignedKeySet::new(&KeySet::new(2, vec![publisher.public()], 1, 0));
+        for key in signers {
+            signed.add_signature(key);
+        }
+        signed
+    }
+
+    fn signers(hub: &Hub, digest: &Sha256Digest) -> Vec<KeyId> {
+        signers_of(&hub.bundles[digest])
+    }
+
+    #[test]
+    fn a_key_set_counts_new_signers_of_bundles_its_scan_did_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, fresh) = (SecretKey::from_seed([1; 32]), SecretKey::from_seed([2; 32]));
+        let mut hub = hub(dir.path(), &old);
+        let bytes = bundle(&[&old, &fresh]);
+        let verified = hub.upload_verifier(NOW_MS).unwrap().verify(&bytes).unwrap();
+        let digest = verified.digest;
+        hub.add_bundle(verified, &bytes, NOW_MS).unwrap();
+        assert_eq!(signers(&hub, &digest), [old.public().id()]);
+
+        // Uploaded after the scan was taken, so the scan knows nothing of it.
+        let set = next_set(&fresh, &[&old, &fresh]);
+        assert_eq!(
+            hub.unlearned_signers(&hub.check_key_set(&set).unwrap().keys),
+            [(digest, vec![fresh.public()])]
+        );
+        hub.add_key_set(set, SignerScan::default(), false, NOW_MS)
+            .unwrap();
+        assert_eq!(
+            signers(&hub, &digest),
+            [old.public().id(), fresh.public().id()]
+        );
+    }
+
+    #[test]
+    fn a_key_set_takes_the_scan_s_word_for_bundles_it_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, fresh) = (SecretKey::from_seed([1; 32]), SecretKey::from_seed([2; 32]));
+        let mut hub = hub(dir.path(), &old);
+        let bytes = bundle(&[&old, &fresh]);
+        let verified = hub.upload_verifier(NOW_MS).unwrap().verify(&bytes).unwrap();
+        let digest = verified.digest;
+        hub.add_bundle(verified, &bytes, NOW_MS).unwrap();
+
+        let set = next_set(&fresh, &[&old, &fresh]);
+        let candidates = hub.unlearned_signers(&hub.check_key_set(&set).unwrap().keys);
+        let scan = SignerScan::run(&hub.store, candidates).unwrap();
+        assert!(scan.verdicts[&(digest, fresh.public().id())]);
+        // What a scan found is taken as found: the bundle is not read again under the lock.
+        let scan = SignerScan {
+            verdicts: BTreeMap::from([((digest, fresh.public().id()), false)]),
+        };
+        hub.add_key_set(set, scan, false, NOW_MS).unwrap();
+        assert_eq!(signers(&hub, &digest), [old.public().id()]);
     }
 }

@@ -255,6 +255,11 @@ impl Store {
         self.payload(digest.to_hex().as_bytes())
     }
 
+    /// A bundle's bytes as the database holds them, without copying them.
+    pub fn bundle_payload(&self, digest: &Sha256Digest) -> Result<Option<sled::IVec>> {
+        Ok(self.payloads.get(digest.to_hex().as_bytes())?)
+    }
+
     /// Every agent's latest desired state.
     pub fn desired_states(&self) -> Result<Vec<DesiredState>> {
         values(&self.desired)

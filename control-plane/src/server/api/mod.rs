@@ -31,7 +31,7 @@ pub use auth::{Admin, Caller, Operator, Tokens, Viewer};
 pub use views::{phase_name, wave_index};
 use views::{AgentView, EventsPage, FleetSummary, RolloutView, TrustView};
 
-use super::hub::{Hub, HubError, Steer};
+use super::hub::{Hub, HubError, SignerScan, Steer};
 use super::metrics::{ServerMetrics, CONTENT_TYPE};
 use super::mqtt::MqttStats;
 use super::store::{BundleRecord, Store};
@@ -410,9 +410,20 @@ async fn add_key_set(
 ) -> ApiResult<(StatusCode, Json<TrustView>)> {
     let signed = SignedKeySet::decode(&body)
         .map_err(|e| ApiError::bad_request(format!("key set refused: {e}")))?;
+    // Which held bundles the new keys signed is read from every bundle's header; do it off
+    // the hub's lock and the executor, then let the hub check the set again and judge it.
+    let candidates = {
+        let hub = state.hub();
+        let accepted = hub.check_key_set(&signed)?;
+        hub.unlearned_signers(&accepted.keys)
+    };
+    let store = state.store.clone();
+    let scan = tokio::task::spawn_blocking(move || SignerScan::run(&store, candidates))
+        .await
+        .map_err(|e| anyhow::anyhow!("signer scan failed: {e}"))??;
     let view = {
         let mut hub = state.hub();
-        let accepted = hub.add_key_set(signed, query.force == Some(true), unix_ms())?;
+        let accepted = hub.add_key_set(signed, scan, query.force == Some(true), unix_ms())?;
         tracing::info!(
             caller = caller.name(),
             key_set = accepted.keys.version(),
