@@ -191,7 +191,16 @@ impl Fixture {
             active: None,
             key_set: 1,
         };
-        let payload = Envelope::new(id, 1, unix_ms(), Presence::Online(birth)).encode();
+        self.presence(id, Presence::Online(birth));
+    }
+
+    /// Marks an agent added with [`Fixture::add_agent`] offline, as its will would.
+    fn agent_left(&self, id: &str) {
+        self.presence(id, Presence::Offline { session: 1 });
+    }
+
+    fn presence(&self, id: &str, presence: Presence) {
+        let payload = Envelope::new(id, 1, unix_ms(), presence).encode();
         let server = self.server.as_ref().expect("server running");
         server.hub().lock().expect("hub lock").on_agent_message(
             &topics::agent_state(id),
@@ -742,6 +751,109 @@ fn an_unreachable_server_is_named_in_the_error() {
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     };
     run.fails_with(&format!("cannot reach the server at {url}/"));
+}
+
+#[test]
+fn agents_are_listed_a_page_at_a_time_and_filtered_by_presence() {
+    let fx = Fixture::start();
+    for (id, site) in [
+        ("edge-5", "paris"),
+        ("edge-1", "berlin"),
+        ("edge-4", "berlin"),
+        ("edge-2", "berlin"),
+        ("edge-3", "paris"),
+    ] {
+        fx.add_agent(id, &[("site", site)]);
+    }
+    fx.agent_left("edge-2");
+    let ids = |run: Run| -> Vec<String> {
+        run.ok()
+            .json()
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|a| a["id"].as_str().expect("an id").to_owned())
+            .collect()
+    };
+
+    // Two per request: the CLI follows the pages to the end, in id order.
+    let all = fx.cli(
+        Some(VIEWER_TOKEN),
+        &["agents", "--page-size", "2", "--json"],
+    );
+    assert_eq!(ids(all), ["edge-1", "edge-2", "edge-3", "edge-4", "edge-5"]);
+    let online = fx.cli(
+        Some(VIEWER_TOKEN),
+        &[
+            "agents",
+            "--online",
+            "--selector",
+            "site=berlin",
+            "--page-size",
+            "1",
+            "--json",
+        ],
+    );
+    assert_eq!(ids(online), ["edge-1", "edge-4"]);
+    let offline = fx.cli(Some(VIEWER_TOKEN), &["agents", "--offline"]).ok();
+    let lines: Vec<&str> = offline.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{offline:#?}");
+    assert!(
+        lines[1].starts_with("edge-2 ") && lines[1].contains(" no "),
+        "{offline:#?}"
+    );
+    let none = fx
+        .cli(
+            Some(VIEWER_TOKEN),
+            &["agents", "--offline", "--selector", "site=paris"],
+        )
+        .ok();
+    assert_eq!(
+        none.stdout,
+        "no agents match the selector and are offline\n"
+    );
+    let both = fx.cli(Some(VIEWER_TOKEN), &["agents", "--online", "--offline"]);
+    assert_eq!(both.code, Some(2), "{both:#?}");
+    assert!(both.stderr.contains("cannot be used with"), "{both:#?}");
+
+    // The API pages by `after` and refuses pages it would not serve.
+    let get = |query: &str| -> (u16, Value) {
+        let url = format!("{}/api/v1/agents?{query}", fx.url);
+        fx.runtime.block_on(async {
+            let response = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(VIEWER_TOKEN)
+                .send()
+                .await
+                .expect("server answers");
+            let status = response.status().as_u16();
+            (status, response.json().await.expect("JSON"))
+        })
+    };
+    let (status, page) = get("limit=2&after=edge-2");
+    assert_eq!(status, 200, "{page}");
+    let page: Vec<&str> = page
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(page, ["edge-3", "edge-4"]);
+    let (_, after_last) = get("after=edge-5");
+    assert_eq!(after_last, serde_json::json!([]));
+    for (bad, why) in [
+        ("limit=0", "limit must be 1-1000"),
+        ("limit=1001", "limit must be 1-1000"),
+        (
+            "online=maybe",
+            "online: provided string was not `true` or `false`",
+        ),
+    ] {
+        let (status, body) = get(bad);
+        assert_eq!(status, 400, "{bad}: {body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.contains(why), "{bad}: {body}");
+    }
 }
 
 #[test]

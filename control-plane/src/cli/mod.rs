@@ -51,6 +51,16 @@ pub enum Command {
         /// Only agents this label selector matches, e.g. `site=berlin,hw in (cpu,gpu)`.
         #[arg(long, value_name = "EXPR")]
         selector: Option<String>,
+        /// Only agents connected now.
+        #[arg(long, conflicts_with = "offline")]
+        online: bool,
+        /// Only agents not connected now.
+        #[arg(long)]
+        offline: bool,
+        /// Agents asked for per request (the server answers at most 1000).
+        #[arg(long, value_name = "N", default_value_t = 500,
+              value_parser = clap::value_parser!(u16).range(1..=1000))]
+        page_size: u16,
         /// Print the API's JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -387,9 +397,19 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Keyset(command) => run_keyset(command),
         Command::Agents {
             selector,
+            online,
+            offline,
+            page_size,
             json,
             remote,
-        } => remote::fleet::agents(selector.as_deref(), &remote, json),
+        } => {
+            let filter = remote::fleet::AgentFilter {
+                selector,
+                online: (online || offline).then_some(online),
+                page_size: page_size.into(),
+            };
+            remote::fleet::agents(&filter, &remote, json)
+        }
         Command::Events(args) => {
             let filter = remote::fleet::EventFilter {
                 agent: args.agent,

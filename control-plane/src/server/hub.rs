@@ -25,7 +25,7 @@ use super::registry::{AgentRecord, PresenceChange, Sequence};
 use super::store::{BundleRecord, EventRecord, Store};
 use crate::rollout::{
     check_overlap, Action, BundleRef, Rollout, RolloutError, RolloutEvent, RolloutSpec,
-    RolloutState, Selector, Target,
+    RolloutState, Target,
 };
 
 /// The sender name the server puts in its envelopes.
@@ -870,13 +870,19 @@ impl Hub {
 
     // ---- agents ------------------------------------------------------------------------
 
-    /// Agents the selector matches, by id.
-    pub fn agents(&self, selector: &Selector) -> Vec<AgentRecord> {
+    /// Agents `keep` accepts, in id order, starting after the id `after` (from the first when
+    /// `None`): one page of the fleet, borrowed.
+    pub fn agents_after<'a>(
+        &'a self,
+        after: Option<&str>,
+        keep: impl Fn(&AgentRecord) -> bool + 'a,
+    ) -> impl Iterator<Item = &'a AgentRecord> + 'a {
+        use std::ops::Bound;
+        let from = after.map_or(Bound::Unbounded, |id| Bound::Excluded(id.to_owned()));
         self.agents
-            .values()
-            .filter(|a| selector.matches(&a.labels))
-            .cloned()
-            .collect()
+            .range((from, Bound::Unbounded))
+            .map(|(_, a)| a)
+            .filter(move |a| keep(a))
     }
 
     /// Every agent, by id, borrowed: for counting under the lock without copying records.

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use flotilla_shared::wire::Health;
 use serde::Deserialize;
 
@@ -29,28 +29,63 @@ struct AgentRow {
     rollout: Option<String>,
 }
 
-/// Lists agents, optionally those a label selector matches.
+/// Which agents `flotilla agents` lists.
+#[derive(Debug, Clone)]
+pub(in crate::cli) struct AgentFilter {
+    /// Only those this label selector matches.
+    pub selector: Option<String>,
+    /// Only those connected (`true`) or not (`false`).
+    pub online: Option<bool>,
+    /// Agents asked for per request.
+    pub page_size: usize,
+}
+
+/// Lists agents the filter lets through, asking for them a page at a time.
 pub(in crate::cli) fn agents(
-    selector: Option<&str>,
+    filter: &AgentFilter,
     remote: &RemoteArgs,
     as_json: bool,
 ) -> Result<()> {
     let client = Client::new(remote)?;
-    let query: Vec<(&str, String)> = selector
-        .map(|s| ("selector", s.to_owned()))
-        .into_iter()
-        .collect();
-    let answer = client.get(&["api", "v1", "agents"], &query)?;
+    let mut base: Vec<(&str, String)> = vec![("limit", filter.page_size.to_string())];
+    if let Some(selector) = &filter.selector {
+        base.push(("selector", selector.clone()));
+    }
+    if let Some(online) = filter.online {
+        base.push(("online", online.to_string()));
+    }
+    let mut all: Vec<serde_json::Value> = Vec::new();
+    loop {
+        let mut query = base.clone();
+        if let Some(last) = all.last() {
+            let id = last["id"]
+                .as_str()
+                .context("unexpected agent list from the server")?;
+            query.push(("after", id.to_owned()));
+        }
+        let page: Vec<serde_json::Value> = client
+            .get(&["api", "v1", "agents"], &query)?
+            .parse("agent list")?;
+        let last_page = page.len() < filter.page_size;
+        all.extend(page);
+        if last_page {
+            break;
+        }
+    }
     if as_json {
-        return print_json(&answer.json);
+        return print_json(&serde_json::Value::Array(all));
     }
 
-    let rows: Vec<AgentRow> = answer.parse("agent list")?;
+    let rows: Vec<AgentRow> = serde_json::from_value(serde_json::Value::Array(all))
+        .context("unexpected agent list from the server")?;
     if rows.is_empty() {
-        let scope = if selector.is_some() {
-            " match the selector"
-        } else {
-            " are known"
+        let scope = match (filter.selector.is_some(), filter.online) {
+            (false, None) => " are known",
+            (true, None) => " match the selector",
+            (false, Some(true)) => " are online",
+            (false, Some(false)) => " are offline",
+            (true, Some(true)) => " match the selector and are online",
+            (true, Some(false)) => " match the selector and are offline",
         };
         return emit(&format!("no agents{scope}\n"));
     }

@@ -34,6 +34,7 @@ use views::{AgentView, EventsPage, FleetSummary, RolloutView, TrustView};
 use super::hub::{Hub, HubError, SignerScan, Steer};
 use super::metrics::{ServerMetrics, CONTENT_TYPE};
 use super::mqtt::MqttStats;
+use super::registry::AgentRecord;
 use super::store::{BundleRecord, Store};
 use super::unix_ms;
 use crate::rollout::{RolloutSpec, Selector};
@@ -116,6 +117,26 @@ impl IntoResponse for ApiError {
                 .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static"));
         }
         response
+    }
+}
+
+/// Axum's `Query`, answering a query string that does not parse (`limit=ten`) with the
+/// API's JSON error like every other refusal.
+struct ApiQuery<T>(T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S>
+    for ApiQuery<T>
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(query)| Self(query))
+            .map_err(|e| ApiError::new(e.status(), e.body_text()))
     }
 }
 
@@ -231,11 +252,20 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 // ---- agents ----------------------------------------------------------------------------
 
+/// The most agents one page of `GET /agents` holds.
+const MAX_AGENT_PAGE: usize = 1000;
+
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 struct AgentQuery {
     /// Label selector, e.g. `site=berlin,hw in (cpu,gpu)`.
     selector: Option<String>,
+    /// Only agents connected (`true`) or not (`false`).
+    online: Option<bool>,
+    /// Only agents whose id sorts after this one: the last id of the previous page.
+    after: Option<String>,
+    /// At most this many (1-1000); default all.
+    limit: Option<usize>,
 }
 
 fn parse_selector(text: Option<&str>) -> ApiResult<Selector> {
@@ -247,20 +277,35 @@ fn parse_selector(text: Option<&str>) -> ApiResult<Selector> {
     }
 }
 
-/// Lists agents, optionally those a label selector matches.
+/// Lists agents by id, optionally those a label selector matches or that are online (or
+/// not). Paged with `limit` and `after`: pass the last id of a page as `after` for the next;
+/// a page shorter than `limit` is the last.
 #[utoipa::path(get, path = "/api/v1/agents", tag = "agents", params(AgentQuery),
     security(("bearer" = [])),
     responses((status = 200, body = Vec<AgentView>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 async fn list_agents(
     Viewer(_): Viewer,
     State(state): State<AppState>,
-    Query(query): Query<AgentQuery>,
+    ApiQuery(query): ApiQuery<AgentQuery>,
 ) -> ApiResult<Json<Vec<AgentView>>> {
     let selector = parse_selector(query.selector.as_deref())?;
+    let limit = match query.limit {
+        None => usize::MAX,
+        Some(limit @ 1..=MAX_AGENT_PAGE) => limit,
+        Some(_) => {
+            return Err(ApiError::bad_request(format!(
+                "limit must be 1-{MAX_AGENT_PAGE}"
+            )))
+        }
+    };
     let hub = state.hub();
+    let keep = |a: &AgentRecord| {
+        selector.matches(&a.labels) && query.online.is_none_or(|online| a.online == online)
+    };
     Ok(Json(
-        hub.agents(&selector)
-            .into_iter()
+        hub.agents_after(query.after.as_deref(), keep)
+            .take(limit)
+            .cloned()
             .map(|a| AgentView::new(a, &hub))
             .collect(),
     ))
@@ -405,7 +450,7 @@ struct KeySetQuery {
 async fn add_key_set(
     Admin(caller): Admin,
     State(state): State<AppState>,
-    Query(query): Query<KeySetQuery>,
+    ApiQuery(query): ApiQuery<KeySetQuery>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<TrustView>)> {
     let signed = SignedKeySet::decode(&body)
@@ -453,7 +498,7 @@ struct RolloutQuery {
 async fn list_rollouts(
     Viewer(_): Viewer,
     State(state): State<AppState>,
-    Query(query): Query<RolloutQuery>,
+    ApiQuery(query): ApiQuery<RolloutQuery>,
 ) -> ApiResult<Json<Vec<RolloutView>>> {
     if query.limit == Some(0) {
         return Err(ApiError::bad_request("limit must be at least 1"));
@@ -485,7 +530,7 @@ struct CreateQuery {
 async fn create_rollout(
     Operator(caller): Operator,
     State(state): State<AppState>,
-    Query(query): Query<CreateQuery>,
+    ApiQuery(query): ApiQuery<CreateQuery>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<RolloutView>)> {
     let text =
@@ -592,7 +637,7 @@ struct EventQuery {
 async fn list_events(
     Viewer(_): Viewer,
     State(state): State<AppState>,
-    Query(query): Query<EventQuery>,
+    ApiQuery(query): ApiQuery<EventQuery>,
 ) -> ApiResult<Json<EventsPage>> {
     let limit = query.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
