@@ -927,6 +927,25 @@ fn a_rollout_is_started_shown_and_steered_from_the_cli() {
         "{started:#?}"
     );
 
+    let listed = fx
+        .cli(Some(VIEWER_TOKEN), &["agents", "--json"])
+        .ok()
+        .json();
+    let held: Vec<(&str, &Value)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["id"].as_str().unwrap(), &a["rollout"]))
+        .collect();
+    assert_eq!(
+        held,
+        [
+            ("edge-1", &Value::from("canary-1")),
+            ("edge-2", &Value::from("canary-1")),
+            ("edge-3", &Value::Null)
+        ]
+    );
+
     let view = fx
         .operator(&["rollout", "status", "canary-1", "--json"])
         .ok()

@@ -1032,6 +1032,15 @@ impl Hub {
         Ok(&self.rollouts[id])
     }
 
+    /// The active rollout that holds `agent`, if one does (active rollouts never share an
+    /// agent).
+    pub fn active_rollout_of(&self, agent: &str) -> Option<&str> {
+        self.rollouts
+            .values()
+            .find(|r| r.is_active() && r.agent(agent).is_some())
+            .map(Rollout::id)
+    }
+
     fn rollouts_of(&self, agent: &str) -> Vec<String> {
         self.rollouts
             .values()

@@ -29,11 +29,7 @@ pub struct AgentView {
 impl AgentView {
     /// Builds the view.
     pub fn new(record: AgentRecord, hub: &Hub) -> Self {
-        let rollout = hub
-            .rollouts()
-            .into_iter()
-            .find(|r| r.is_active() && r.agent(&record.id).is_some())
-            .map(|r| r.id().to_owned());
+        let rollout = hub.active_rollout_of(&record.id).map(str::to_owned);
         Self {
             version: record.version_label(),
             desired: hub.desired_of(&record.id).cloned(),
