@@ -955,6 +955,15 @@ impl Hub {
                 )));
             }
         }
+        if now_ms / 1000 > bundle.expires_at {
+            let expired = std::time::UNIX_EPOCH + std::time::Duration::from_secs(bundle.expires_at);
+            return Err(HubError::Invalid(format!(
+                "{}@{} expired at {}: agents would refuse it; pack and push a newer release",
+                bundle.name,
+                bundle.version,
+                humantime::format_rfc3339_seconds(expired)
+            )));
+        }
         let id = match id {
             Some(id) => {
                 if self.rollouts.contains_key(&id) {
@@ -1464,6 +1473,42 @@ mod tests {
         assert_eq!(
             signers(&hub, &digest),
             [old.public().id(), fresh.public().id()]
+        );
+    }
+
+    #[test]
+    fn a_rollout_of_a_bundle_that_has_expired_since_its_upload_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let publisher = SecretKey::from_seed([1; 32]);
+        let mut hub = hub(dir.path(), &publisher);
+        let bytes = bundle(&[&publisher]);
+        let verified = hub.upload_verifier(NOW_MS).unwrap().verify(&bytes).unwrap();
+        let expires_at = verified.manifest.expires_at;
+        hub.add_bundle(verified, &bytes, NOW_MS).unwrap();
+        let spec = |text: &str| RolloutSpec::from_json(text).unwrap();
+        let spec = spec(
+            r#"{"bundle": "tiny-bert-embed@1.0.0", "selector": "",
+                            "waves": [{"size": {"percent": 100}, "bake_secs": 1}]}"#,
+        );
+
+        // Still valid: refused only because no agent is there to take it.
+        let last_valid_ms = expires_at * 1000 + 999;
+        let err = hub
+            .create_rollout(None, spec.clone(), last_valid_ms)
+            .unwrap_err();
+        assert!(err.to_string().contains("matches no agent"), "{err}");
+        let err = hub
+            .create_rollout(None, spec, last_valid_ms + 1)
+            .unwrap_err();
+        assert!(matches!(err, HubError::Invalid(_)), "{err:?}");
+        let expired = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(expires_at),
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "tiny-bert-embed@1.0.0 expired at {expired}: agents would refuse it; pack and push a newer release"
+            )
         );
     }
 
