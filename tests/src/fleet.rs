@@ -251,6 +251,15 @@ impl Fleet {
         self.api.rollout(&self.url(""), spec).await
     }
 
+    /// Steers a rollout as the operator (`pause`, `resume`, `abort`, `rollback`); panics unless
+    /// it was accepted, and returns the rollout's view.
+    pub async fn steer(&self, id: &str, action: &str) -> Value {
+        let path = format!("/rollouts/{id}/{action}");
+        let (status, body) = self.post(&path, b"{}".to_vec(), Some(OPERATOR_TOKEN)).await;
+        assert_eq!(status, 200, "{action} {id}: {body:#}");
+        body
+    }
+
     /// Rolls the uploaded `MODEL@version` out to every agent in one wave without bake and
     /// waits until the rollout completes; returns its id.
     pub async fn roll_out_everywhere(&self, version: &str) -> String {

@@ -823,14 +823,7 @@ async fn a_new_agent_joins_at_the_release_completed_for_agents_like_it() {
 
     fleet.start_agent("edge-b4", &[("site", "b"), ("hw", "gpu")]);
     fleet.wait_version("edge-b4", "1.0.0").await;
-    let (status, body) = fleet
-        .post(
-            &format!("/rollouts/{v3}/abort"),
-            b"{}".to_vec(),
-            Some(OPERATOR_TOKEN),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    fleet.steer(&v3, "abort").await;
     fleet.wait_rollout(&v3, |r| r["state"] == "aborted").await;
     let (_, stayed) = fleet.get("/agents/edge-b4", Some(VIEWER_TOKEN)).await;
     assert_eq!(
@@ -932,14 +925,7 @@ async fn an_agent_a_rollout_holds_is_not_moved_by_another_rollout_completing() {
     assert_eq!(page["events"], serde_json::json!([]), "{page:#}");
 
     // Once that rollout is aborted, nothing holds it and it joins the release.
-    let (status, body) = fleet
-        .post(
-            &format!("/rollouts/{hold}/abort"),
-            b"{}".to_vec(),
-            Some(OPERATOR_TOKEN),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    fleet.steer(&hold, "abort").await;
     fleet.wait_version(held, "2.0.0").await;
     let (_, page) = fleet.get(&assigned, Some(VIEWER_TOKEN)).await;
     assert_eq!(

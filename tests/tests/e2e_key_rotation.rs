@@ -670,14 +670,7 @@ async fn a_bundle_signed_ahead_by_the_new_keys_counts_as_theirs_at_the_rotation(
         409,
         &format!("active rollout(s) {rollout} ship, or would roll back to"),
     );
-    let (status, body) = fleet
-        .post(
-            &format!("/rollouts/{rollout}/abort"),
-            b"{}".to_vec(),
-            Some(OPERATOR_TOKEN),
-        )
-        .await;
-    assert_eq!(status, 200, "{body:#}");
+    fleet.steer(&rollout, "abort").await;
 
     // Now edge-1 serves a bundle the fresh key signed, so nothing strands.
     let (status, body) = fleet.post("/trust", rotation, Some(ADMIN_TOKEN)).await;

@@ -1447,19 +1447,29 @@ mod tests {
         signed
     }
 
+    /// A hub trusting `trusted` that holds the test model signed by `signers`, uploaded at
+    /// `NOW_MS`; with its directory, the bundle's digest and when it expires.
+    fn hub_holding(
+        trusted: &SecretKey,
+        signers: &[&SecretKey],
+    ) -> (tempfile::TempDir, Hub, Sha256Digest, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut hub = hub(dir.path(), trusted);
+        let bytes = bundle(signers);
+        let verified = hub.upload_verifier(NOW_MS).unwrap().verify(&bytes).unwrap();
+        let (digest, expires_at) = (verified.digest, verified.manifest.expires_at);
+        hub.add_bundle(verified, &bytes, NOW_MS).unwrap();
+        (dir, hub, digest, expires_at)
+    }
+
     fn signers(hub: &Hub, digest: &Sha256Digest) -> Vec<KeyId> {
         signers_of(&hub.bundles[digest])
     }
 
     #[test]
     fn a_key_set_counts_new_signers_of_bundles_its_scan_did_not_read() {
-        let dir = tempfile::tempdir().unwrap();
         let (old, fresh) = (SecretKey::from_seed([1; 32]), SecretKey::from_seed([2; 32]));
-        let mut hub = hub(dir.path(), &old);
-        let bytes = bundle(&[&old, &fresh]);
-        let verified = hub.upload_verifier(NOW_MS).unwrap().verify(&bytes).unwrap();
-        let digest = verified.digest;
-        hub.add_bundle(verified, &bytes, NOW_MS).unwrap();
+        let (_dir, mut hub, digest, _) = hub_holding(&old, &[&old, &fresh]);
         assert_eq!(signers(&hub, &digest), [old.public().id()]);
 
         // Uploaded after the scan was taken, so the scan knows nothing of it.
@@ -1478,18 +1488,13 @@ mod tests {
 
     #[test]
     fn a_rollout_of_a_bundle_that_has_expired_since_its_upload_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
         let publisher = SecretKey::from_seed([1; 32]);
-        let mut hub = hub(dir.path(), &publisher);
-        let bytes = bundle(&[&publisher]);
-        let verified = hub.upload_verifier(NOW_MS).unwrap().verify(&bytes).unwrap();
-        let expires_at = verified.manifest.expires_at;
-        hub.add_bundle(verified, &bytes, NOW_MS).unwrap();
-        let spec = |text: &str| RolloutSpec::from_json(text).unwrap();
-        let spec = spec(
+        let (_dir, mut hub, _, expires_at) = hub_holding(&publisher, &[&publisher]);
+        let spec = RolloutSpec::from_json(
             r#"{"bundle": "tiny-bert-embed@1.0.0", "selector": "",
-                            "waves": [{"size": {"percent": 100}, "bake_secs": 1}]}"#,
-        );
+                "waves": [{"size": {"percent": 100}, "bake_secs": 1}]}"#,
+        )
+        .unwrap();
 
         // Still valid: refused only because no agent is there to take it.
         let last_valid_ms = expires_at * 1000 + 999;
@@ -1514,13 +1519,8 @@ mod tests {
 
     #[test]
     fn a_key_set_takes_the_scan_s_word_for_bundles_it_read() {
-        let dir = tempfile::tempdir().unwrap();
         let (old, fresh) = (SecretKey::from_seed([1; 32]), SecretKey::from_seed([2; 32]));
-        let mut hub = hub(dir.path(), &old);
-        let bytes = bundle(&[&old, &fresh]);
-        let verified = hub.upload_verifier(NOW_MS).unwrap().verify(&bytes).unwrap();
-        let digest = verified.digest;
-        hub.add_bundle(verified, &bytes, NOW_MS).unwrap();
+        let (_dir, mut hub, digest, _) = hub_holding(&old, &[&old, &fresh]);
 
         let set = next_set(&fresh, &[&old, &fresh]);
         let candidates = hub.unlearned_signers(&hub.check_key_set(&set).unwrap().keys);
