@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use flotilla_agent::config::{AgentConfig, BrokerConfig};
@@ -451,6 +451,47 @@ impl Mosquitto {
     /// Panics with how to install it when it is missing: CI installs it, so a missing broker
     /// must fail loudly rather than skip.
     pub fn start() -> Self {
+        Self::start_with(|_| "allow_anonymous true\n".to_owned())
+    }
+
+    /// Starts one configured as `systemd/mosquitto-flotilla.conf` says, with the committed
+    /// ACL and a password file holding `users` (name, password).
+    pub fn with_flotilla_acl(users: &[(&str, &str)]) -> Self {
+        Self::start_with(|dir| {
+            let passwords = dir.join("flotilla.passwd");
+            for (n, (user, password)) in users.iter().enumerate() {
+                let mut command = std::process::Command::new("mosquitto_passwd");
+                if n == 0 {
+                    command.arg("-c");
+                }
+                let status = command
+                    .arg("-b")
+                    .arg(&passwords)
+                    .args([user, password])
+                    .status()
+                    .expect("mosquitto_passwd runs (it comes with mosquitto)");
+                assert!(status.success(), "mosquitto_passwd failed for {user}");
+            }
+            let deploy = crate::repo_root().join("systemd");
+            std::fs::read_to_string(deploy.join("mosquitto-flotilla.conf"))
+                .expect("systemd/mosquitto-flotilla.conf")
+                .replace(
+                    "/etc/mosquitto/flotilla.passwd",
+                    passwords.to_str().expect("UTF-8 path"),
+                )
+                .replace(
+                    "/etc/mosquitto/mosquitto-flotilla.acl",
+                    deploy
+                        .join("mosquitto-flotilla.acl")
+                        .to_str()
+                        .expect("UTF-8 path"),
+                )
+        })
+    }
+
+    /// Starts `mosquitto` on a free port with the settings `settings` writes (given a
+    /// directory for its files), without persistence.
+    fn start_with(settings: impl FnOnce(&Path) -> String) -> Self {
         let binary = ["mosquitto", "/usr/sbin/mosquitto"]
             .into_iter()
             .find(|b| {
@@ -465,9 +506,10 @@ impl Mosquitto {
         let dir = tempfile::tempdir().expect("temporary directory");
         let port = free_port();
         let config = dir.path().join("mosquitto.conf");
+        let settings = settings(dir.path());
         std::fs::write(
             &config,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            format!("listener {port} 127.0.0.1\npersistence false\n{settings}"),
         )
         .expect("write mosquitto.conf");
         let child = std::process::Command::new(binary)
