@@ -76,6 +76,21 @@ pub fn pack_signed_with(
     key: &flotilla_shared::SecretKey,
     edit: impl FnOnce(&Path),
 ) -> Vec<u8> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    pack_signed_at(model, key, edit, now)
+}
+
+/// Like [`pack_signed_with`], packed as if the clock said `now` (Unix seconds): the bundle
+/// is made then and expires `valid_days` after.
+pub fn pack_signed_at(
+    model: &str,
+    key: &flotilla_shared::SecretKey,
+    edit: impl FnOnce(&Path),
+    now: u64,
+) -> Vec<u8> {
     let source = if Path::new(model).is_absolute() {
         PathBuf::from(model)
     } else {
@@ -87,10 +102,6 @@ pub fn pack_signed_with(
         std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copy model file");
     }
     edit(dir.path());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs();
     let packed = flotilla_control_plane::pack::pack(dir.path(), now, &()).expect("model packs");
     let mut bundle = flotilla_shared::Bundle::parse(&packed.bytes).expect("packed bundle parses");
     bundle.add_signature(key);

@@ -15,7 +15,7 @@ use flotilla_shared::wire::{topics, Chunk, ChunkPart, ChunkRequest, Envelope, Pr
 use flotilla_tests::fleet::{
     one_wave, traffic, Fleet, Mosquitto, ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN,
 };
-use flotilla_tests::{pack_signed, pack_signed_with, run_flotilla, set_release};
+use flotilla_tests::{pack_signed, pack_signed_at, pack_signed_with, run_flotilla, set_release};
 use rumqttc::{AsyncClient, QoS};
 use serde_json::{json, Value};
 
@@ -933,6 +933,44 @@ async fn an_agent_a_rollout_holds_is_not_moved_by_another_rollout_completing() {
         release_c.as_str(),
         "{page:#}"
     );
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_agent_is_not_given_a_release_that_has_expired() {
+    let mut fleet = Fleet::start().await;
+    fleet.start_agent("edge-1", &[("site", "a")]);
+    fleet.wait_online(&["edge-1"]).await;
+    // Valid for another 20 seconds (tiny-bert-embed is valid for 365 days from packing).
+    let now = flotilla_control_plane::server::unix_ms() / 1000;
+    let expires_at = now + 20;
+    let bundle = pack_signed_at(
+        MODEL,
+        &fleet.keys.publisher,
+        |dir| set_release(dir, "1.0.0", 1),
+        expires_at - 365 * 86_400,
+    );
+    let record = fleet.upload(bundle).await;
+    assert_eq!(record["expires_at"], expires_at, "{record:#}");
+    let release = fleet.roll_out_everywhere("1.0.0").await;
+
+    // Once it has expired, a device joining at that release would only refuse it.
+    while flotilla_control_plane::server::unix_ms() / 1000 <= expires_at {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    fleet.start_agent("edge-2", &[("site", "a")]);
+    let page = fleet
+        .wait_api("/events?kind=release_expired&agent=edge-2", |p| {
+            p["events"].as_array().is_some_and(|e| !e.is_empty())
+        })
+        .await;
+    assert_eq!(
+        page["events"][0]["detail"]["from_rollout"],
+        release.as_str(),
+        "{page:#}"
+    );
+    let (_, record) = fleet.get("/agents/edge-2", Some(VIEWER_TOKEN)).await;
+    assert!(record["desired"].is_null(), "{record:#}");
     fleet.shutdown().await;
 }
 

@@ -349,6 +349,7 @@ impl Hub {
         if !self.assign_new_agents {
             return Ok(());
         }
+        let mut expired = Vec::new();
         let newcomers: Vec<(String, String, DesiredBundle, bool)> = self
             .agents
             .values()
@@ -370,13 +371,21 @@ impl Hub {
                 if follows.flatten() == Some(release.bundle().digest) {
                     return None;
                 }
-                // A release from before a key rotation that its keys did not survive would
-                // only be refused.
+                // A release from before a key rotation that its keys did not survive, or one
+                // that has expired, would only be refused.
                 let trusted = self
                     .trust
                     .as_ref()
                     .is_some_and(|keys| self.trusted_by(keys, &release.bundle().digest));
                 if !trusted {
+                    return None;
+                }
+                if self.expired(&release.bundle().digest, now_ms) {
+                    expired.push((
+                        a.id.clone(),
+                        release.id().to_owned(),
+                        release.bundle().clone(),
+                    ));
                     return None;
                 }
                 Some((
@@ -387,6 +396,20 @@ impl Hub {
                 ))
             })
             .collect();
+        for (agent, rollout, bundle) in expired {
+            self.log(
+                Some(&agent),
+                None,
+                "release_expired",
+                format!(
+                    "{agent} was not given {}@{}, the release rollout {rollout} completed for \
+                     agents like it: it has expired, and agents refuse it. Roll out a newer one",
+                    bundle.name, bundle.version
+                ),
+                serde_json::json!({ "bundle": bundle, "from_rollout": rollout }),
+                now_ms,
+            )?;
+        }
         for (agent, rollout, bundle, follows) in newcomers {
             let why = if follows {
                 "follows the fleet's release"
@@ -657,6 +680,14 @@ impl Hub {
         let record = record.clone();
         self.store.put_bundle_record(&record)?;
         Ok(())
+    }
+
+    /// Whether the bundle `digest` has expired by `now_ms` (agents would refuse it as new); a
+    /// bundle the server does not hold cannot be judged and counts as unexpired.
+    fn expired(&self, digest: &Sha256Digest, now_ms: u64) -> bool {
+        self.bundles
+            .get(digest)
+            .is_some_and(|b| now_ms / 1000 > b.expires_at)
     }
 
     /// Whether `keys` trust the bundle `digest`; a bundle the server does not hold cannot be
@@ -955,7 +986,7 @@ impl Hub {
                 )));
             }
         }
-        if now_ms / 1000 > bundle.expires_at {
+        if self.expired(&bundle.digest, now_ms) {
             let expired = std::time::UNIX_EPOCH + std::time::Duration::from_secs(bundle.expires_at);
             return Err(HubError::Invalid(format!(
                 "{}@{} expired at {}: agents would refuse it; pack and push a newer release",
