@@ -937,13 +937,14 @@ async fn an_agent_a_rollout_holds_is_not_moved_by_another_rollout_completing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_agent_is_not_given_a_release_that_has_expired() {
+async fn an_expired_bundle_is_neither_sent_on_by_its_rollout_nor_handed_to_new_agents() {
     let mut fleet = Fleet::start().await;
-    fleet.start_agent("edge-1", &[("site", "a")]);
-    fleet.wait_online(&["edge-1"]).await;
-    // Valid for another 20 seconds (tiny-bert-embed is valid for 365 days from packing).
-    let now = flotilla_control_plane::server::unix_ms() / 1000;
-    let expires_at = now + 20;
+    for (id, site) in [("edge-a1", "a"), ("edge-b1", "b"), ("edge-b2", "b")] {
+        fleet.start_agent(id, &[("site", site)]);
+    }
+    fleet.wait_online(&["edge-a1", "edge-b1", "edge-b2"]).await;
+    // Valid for another 30 seconds (tiny-bert-embed is valid for 365 days from packing).
+    let expires_at = flotilla_control_plane::server::unix_ms() / 1000 + 30;
     let bundle = pack_signed_at(
         MODEL,
         &fleet.keys.publisher,
@@ -952,15 +953,60 @@ async fn a_new_agent_is_not_given_a_release_that_has_expired() {
     );
     let record = fleet.upload(bundle).await;
     assert_eq!(record["expires_at"], expires_at, "{record:#}");
-    let release = fleet.roll_out_everywhere("1.0.0").await;
+    let release = fleet.rollout(one_wave("1.0.0", "site=a", 0)).await;
+    fleet
+        .wait_rollout(&release, |r| r["state"] == "completed")
+        .await;
+    // At site b, a canary bakes for an hour before the second wave.
+    let slow = fleet
+        .rollout(json!({
+            "bundle": format!("{MODEL}@1.0.0"),
+            "selector": "site=b",
+            "waves": [
+                { "size": { "count": 1 }, "bake_secs": 3600 },
+                { "size": { "percent": 100 }, "bake_secs": 0 },
+            ],
+        }))
+        .await;
+    let view = fleet
+        .wait_rollout(&slow, |r| r["status"]["stage"] == "baking")
+        .await;
+    let waiting = ["edge-b1", "edge-b2"]
+        .into_iter()
+        .find(|id| view["agents"][*id]["wave"] == 1)
+        .expect("one agent waits in the second wave");
 
-    // Once it has expired, a device joining at that release would only refuse it.
-    while flotilla_control_plane::server::unix_ms() / 1000 <= expires_at {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    fleet.start_agent("edge-2", &[("site", "a")]);
+    // Once the bundle has expired, agents would refuse it as new. The slow rollout stops
+    // rather than send it on, and may not be resumed.
+    let paused = fleet.wait_rollout(&slow, |r| r["state"] == "paused").await;
+    assert!(flotilla_control_plane::server::unix_ms() / 1000 > expires_at);
+    let reason = paused["status"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with(&format!("{MODEL}@1.0.0 expired at ")),
+        "{paused:#}"
+    );
+    let (_, record) = fleet
+        .get(&format!("/agents/{waiting}"), Some(VIEWER_TOKEN))
+        .await;
+    assert!(record["desired"].is_null(), "{record:#}");
+    let (status, body) = fleet
+        .post(
+            &format!("/rollouts/{slow}/resume"),
+            b"{}".to_vec(),
+            Some(OPERATOR_TOKEN),
+        )
+        .await;
+    assert_eq!(status, 409, "{body:#}");
+    assert!(
+        body["error"].as_str().unwrap().contains("cannot resume"),
+        "{body:#}"
+    );
+    fleet.steer(&slow, "rollback").await;
+
+    // A device joining site a is not handed the release it would only refuse.
+    fleet.start_agent("edge-a2", &[("site", "a")]);
     let page = fleet
-        .wait_api("/events?kind=release_expired&agent=edge-2", |p| {
+        .wait_api("/events?kind=release_expired&agent=edge-a2", |p| {
             p["events"].as_array().is_some_and(|e| !e.is_empty())
         })
         .await;
@@ -969,7 +1015,7 @@ async fn a_new_agent_is_not_given_a_release_that_has_expired() {
         release.as_str(),
         "{page:#}"
     );
-    let (_, record) = fleet.get("/agents/edge-2", Some(VIEWER_TOKEN)).await;
+    let (_, record) = fleet.get("/agents/edge-a2", Some(VIEWER_TOKEN)).await;
     assert!(record["desired"].is_null(), "{record:#}");
     fleet.shutdown().await;
 }

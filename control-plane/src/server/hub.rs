@@ -534,10 +534,42 @@ impl Hub {
             .map(|r| r.id().to_owned())
             .collect();
         for id in active {
+            self.pause_if_expired(&id, now_ms)?;
             let actions = self.rollout_mut(&id).tick(now_ms);
             self.carry_out(&id, actions, now_ms)?;
         }
         Ok(())
+    }
+
+    /// Why rollout `id` must not send its bundle on: it expired while agents it has not
+    /// reached remain, which would refuse it. `None` while it may go on.
+    fn expired_midway(&self, id: &str, now_ms: u64) -> Option<String> {
+        let rollout = &self.rollouts[id];
+        let unreached = rollout.agents().any(|(_, a)| a.assigned_ms.is_none());
+        if !unreached || !self.expired(&rollout.bundle().digest, now_ms) {
+            return None;
+        }
+        let record = &self.bundles[&rollout.bundle().digest];
+        Some(format!(
+            "{}, and agents it has not reached would refuse it: roll back, or abort and roll \
+             out a newer release",
+            expiry_of(record)
+        ))
+    }
+
+    /// Pauses a rollout going forward once [`Hub::expired_midway`] says it must stop.
+    fn pause_if_expired(&mut self, id: &str, now_ms: u64) -> Result<()> {
+        if !matches!(self.rollouts[id].state(), RolloutState::Wave { .. }) {
+            return Ok(());
+        }
+        let Some(reason) = self.expired_midway(id, now_ms) else {
+            return Ok(());
+        };
+        let actions = self
+            .rollout_mut(id)
+            .pause(now_ms, reason)
+            .map_err(|e| anyhow::anyhow!(e))?;
+        self.carry_out(id, actions, now_ms)
     }
 
     /// Publishes every agent's desired state again (retained). Called after each connection
@@ -987,12 +1019,9 @@ impl Hub {
             }
         }
         if self.expired(&bundle.digest, now_ms) {
-            let expired = std::time::UNIX_EPOCH + std::time::Duration::from_secs(bundle.expires_at);
             return Err(HubError::Invalid(format!(
-                "{}@{} expired at {}: agents would refuse it; pack and push a newer release",
-                bundle.name,
-                bundle.version,
-                humantime::format_rfc3339_seconds(expired)
+                "{}: agents would refuse it; pack and push a newer release",
+                expiry_of(&bundle)
             )));
         }
         let id = match id {
@@ -1056,11 +1085,18 @@ impl Hub {
         reason: Option<String>,
         now_ms: u64,
     ) -> Result<&Rollout, HubError> {
-        let rollout = self
-            .rollouts
-            .get_mut(id)
-            .ok_or_else(|| HubError::NotFound(format!("unknown rollout {id:?}")))?;
+        if !self.rollouts.contains_key(id) {
+            return Err(HubError::NotFound(format!("unknown rollout {id:?}")));
+        }
         let reason = reason.unwrap_or_else(|| "operator request".into());
+        if steer == Steer::Resume {
+            if let Some(why) = self.expired_midway(id, now_ms) {
+                return Err(HubError::Conflict(format!(
+                    "rollout {id} cannot resume: {why}"
+                )));
+            }
+        }
+        let rollout = self.rollout_mut(id);
         let result: Result<Vec<Action>, RolloutError> = match steer {
             Steer::Pause => rollout.pause(now_ms, reason),
             Steer::Resume => rollout.resume(now_ms),
@@ -1259,6 +1295,17 @@ fn load_next_key(dir: &std::path::Path, public: &PublicKey) -> Result<SecretKey>
 }
 
 /// The key ids that signed a bundle, as its record keeps them.
+/// "NAME@VERSION expired at TIME".
+fn expiry_of(bundle: &BundleRecord) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(bundle.expires_at);
+    format!(
+        "{}@{} expired at {}",
+        bundle.name,
+        bundle.version,
+        humantime::format_rfc3339_seconds(at)
+    )
+}
+
 fn signers_of(bundle: &BundleRecord) -> Vec<flotilla_shared::KeyId> {
     bundle
         .signed_by
