@@ -1021,6 +1021,34 @@ async fn an_expired_bundle_is_neither_sent_on_by_its_rollout_nor_handed_to_new_a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_log_is_trimmed_to_its_newest_events() {
+    let mut fleet = Fleet::start_with(|config| config.max_events = 3).await;
+    for id in ["edge-1", "edge-2", "edge-3", "edge-4"] {
+        fleet.start_agent(id, &[("site", "a")]);
+    }
+    fleet
+        .wait_online(&["edge-1", "edge-2", "edge-3", "edge-4"])
+        .await;
+    let page = fleet
+        .wait_api("/events?limit=100", |p| {
+            p["events"].as_array().is_some_and(|e| e.len() <= 3)
+        })
+        .await;
+    let ids: Vec<u64> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_u64().unwrap())
+        .collect();
+    assert!(ids.first() > Some(&1), "the oldest went: {page:#}");
+    assert!(
+        ids.windows(2).all(|w| w[1] == w[0] + 1),
+        "the newest stay, in order: {page:#}"
+    );
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_assignment_off_a_new_agent_waits_for_a_rollout() {
     let fleet = Fleet::start_with(|config| config.assign_new_agents = false).await;
     let (mut fleet, _) = on_v1(fleet).await;

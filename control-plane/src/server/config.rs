@@ -54,6 +54,10 @@ pub struct ServerConfig {
     /// for this many seconds; later requests read it from the store again. Default 300.
     #[serde(default = "default_bundle_hold_secs")]
     pub bundle_hold_secs: u64,
+    /// Events the log keeps: older ones are removed as new ones come. Default 1,000,000; 0
+    /// keeps every event.
+    #[serde(default = "default_max_events")]
+    pub max_events: u64,
     /// Give an agent that has never had a desired state the bundle of the last completed
     /// rollout whose selector matches it, so a new or replaced device serves what its peers
     /// serve, and move it on as later rollouts for agents like it complete. Default true;
@@ -193,6 +197,7 @@ impl Default for ServerConfig {
             max_upload_bytes: default_max_upload_bytes(),
             agent_timeout_secs: default_agent_timeout_secs(),
             bundle_hold_secs: default_bundle_hold_secs(),
+            max_events: default_max_events(),
             assign_new_agents: true,
         }
     }
@@ -299,6 +304,10 @@ fn default_agent_timeout_secs() -> u64 {
 fn default_true() -> bool {
     true
 }
+fn default_max_events() -> u64 {
+    1_000_000
+}
+
 fn default_bundle_hold_secs() -> u64 {
     crate::distribution::DEFAULT_HOLD.as_secs()
 }
@@ -326,6 +335,13 @@ mod tests {
         let config: ServerConfig = toml::from_str("bundle_hold_secs = 0").unwrap();
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("bundle_hold_secs"), "{err}");
+    }
+
+    #[test]
+    fn the_event_log_keeps_a_million_events_unless_told_otherwise() {
+        assert_eq!(ServerConfig::default().max_events, 1_000_000);
+        let config: ServerConfig = toml::from_str("max_events = 0").unwrap();
+        assert_eq!(config.max_events, 0);
     }
 
     #[test]

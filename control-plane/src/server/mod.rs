@@ -42,6 +42,11 @@ use hub::{Hub, HubSettings};
 
 /// How often rollout timers and agent timeouts are checked.
 const TICK: Duration = Duration::from_millis(250);
+/// How often the event log is trimmed to `max_events`, and how many events go at most each
+/// time: a log that grew past the limit (a lowered limit, a restored backup) shrinks at
+/// 1000 events a second.
+const TRIM_EVERY: Duration = Duration::from_secs(10);
+const TRIM_BATCH: usize = 10_000;
 
 /// File names under the data directory.
 pub const KEY_NAME: &str = "control-plane";
@@ -172,6 +177,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
         shutdown_rx.clone(),
     );
     tasks.push(tokio::spawn(run_clock(hub.clone(), shutdown_rx.clone())));
+    if config.max_events > 0 {
+        tasks.push(tokio::spawn(run_event_trim(
+            store.clone(),
+            config.max_events,
+            shutdown_rx.clone(),
+        )));
+    }
 
     let state = api::AppState {
         hub: hub.clone(),
@@ -258,6 +270,27 @@ async fn run_clock(hub: Arc<Mutex<Hub>>, mut shutdown: watch::Receiver<bool>) {
             .tick(unix_ms());
         if let Err(e) = result {
             tracing::error!(error = %format!("{e:#}"), "rollout clock step failed");
+        }
+    }
+}
+
+/// Keeps the event log to its newest `max_events`, removing at most [`TRIM_BATCH`] every
+/// [`TRIM_EVERY`] on a blocking thread (the hub's lock is not needed: ids only grow).
+async fn run_event_trim(store: store::Store, max_events: u64, mut shutdown: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(TRIM_EVERY);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.changed() => break,
+        }
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || store.prune_events(max_events, TRIM_BATCH)).await
+        {
+            Ok(Ok(0)) => {}
+            Ok(Ok(removed)) => tracing::debug!(removed, "oldest events removed"),
+            Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "cannot trim the event log"),
+            Err(e) => tracing::error!(error = %e, "event log trimming failed"),
         }
     }
 }

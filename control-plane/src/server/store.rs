@@ -289,6 +289,25 @@ impl Store {
         Ok(record)
     }
 
+    /// Removes the oldest events so that none older than the newest `keep` ids remain, at most
+    /// `batch` of them in one call; returns how many it removed.
+    pub fn prune_events(&self, keep: u64, batch: usize) -> Result<usize> {
+        let Some(cutoff) = self.last_event.load(Ordering::SeqCst).checked_sub(keep) else {
+            return Ok(0);
+        };
+        let mut removed = 0;
+        for key in self
+            .events
+            .range(..=cutoff.to_be_bytes())
+            .keys()
+            .take(batch)
+        {
+            self.events.remove(key?)?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
     /// Events with ids above `after`, oldest first, that `keep` accepts, at most `limit`.
     pub fn events(
         &self,
@@ -353,4 +372,53 @@ fn values<T: DeserializeOwned>(tree: &sled::Tree) -> Result<Vec<T>> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: &str) -> EventRecord {
+        EventRecord {
+            id: 0,
+            at_ms: 1,
+            agent: None,
+            rollout: None,
+            kind: kind.into(),
+            message: kind.into(),
+            detail: serde_json::Value::Null,
+        }
+    }
+
+    fn ids(store: &Store) -> Vec<u64> {
+        store
+            .events(0, 100, |_| true)
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect()
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_events_a_batch_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.prune_events(4, 3).unwrap(), 0, "an empty log");
+        for n in 0..10 {
+            store.append_event(event(&format!("e{n}"))).unwrap();
+        }
+        assert_eq!(store.prune_events(10, 3).unwrap(), 0, "within the limit");
+        assert_eq!(store.prune_events(4, 3).unwrap(), 3);
+        assert_eq!(ids(&store), [4, 5, 6, 7, 8, 9, 10]);
+        assert_eq!(store.prune_events(4, 3).unwrap(), 3);
+        assert_eq!(store.prune_events(4, 3).unwrap(), 0);
+        assert_eq!(ids(&store), [7, 8, 9, 10]);
+        // Ids go on from the newest, and reopening the store keeps them going.
+        assert_eq!(store.append_event(event("next")).unwrap().id, 11);
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.append_event(event("after")).unwrap().id, 12);
+        assert_eq!(store.prune_events(4, 100).unwrap(), 2);
+        assert_eq!(ids(&store), [9, 10, 11, 12]);
+    }
 }
