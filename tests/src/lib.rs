@@ -198,6 +198,30 @@ pub fn run_flotilla(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
     )
 }
 
+/// The presence an agent with `labels` announces when it connects in `session`, for a host of
+/// this machine's architecture that runs tract and serves no model: for tests that speak MQTT
+/// in an agent's name.
+pub fn birth(session: u64, labels: &[(&str, &str)]) -> flotilla_shared::wire::Presence {
+    use flotilla_shared::wire::{Birth, Capabilities, Presence};
+    Presence::Online(Birth {
+        session,
+        labels: labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        capabilities: Capabilities {
+            architecture: std::env::consts::ARCH.into(),
+            cores: 2,
+            memory_bytes: 1 << 30,
+            gpu: false,
+            backends: vec![flotilla_shared::manifest::Backend::Tract],
+            agent_version: "0.1.0".into(),
+        },
+        active: None,
+        key_set: 1,
+    })
+}
+
 /// Writes `key`'s public half as PEM into `dir/name.pub` and returns the path.
 pub fn write_public_key(dir: &Path, name: &str, key: &flotilla_shared::SecretKey) -> PathBuf {
     let path = dir.join(format!("{name}.pub"));

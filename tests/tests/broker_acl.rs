@@ -2,13 +2,10 @@
 //! ACL and one user per agent: a rollout works through it, and a device's credentials let it
 //! speak only for itself.
 
-use std::collections::BTreeMap;
-
 use flotilla_agent::config::BrokerConfig;
-use flotilla_shared::manifest::Backend;
-use flotilla_shared::wire::{topics, Birth, Capabilities, Envelope, Presence, TOPIC_ROOT};
+use flotilla_shared::wire::{topics, Envelope, Presence, TOPIC_ROOT};
 use flotilla_tests::fleet::{Fleet, Mosquitto, VIEWER_TOKEN};
-use flotilla_tests::{pack_signed_with, set_release};
+use flotilla_tests::{birth, pack_signed_with, set_release};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use serde_json::Value;
 
@@ -16,23 +13,6 @@ const CONTROL_PLANE: (&str, &str) = ("flotilla-control-plane", "control-plane-se
 const AGENTS: [(&str, &str); 2] = [("edge-1", "edge-1-secret"), ("edge-2", "edge-2-secret")];
 /// A device of the fleet whose credentials were stolen.
 const STOLEN: (&str, &str) = ("edge-3", "edge-3-secret");
-
-fn birth(session: u64, site: &str) -> Presence {
-    Presence::Online(Birth {
-        session,
-        labels: BTreeMap::from([("site".to_owned(), site.to_owned())]),
-        capabilities: Capabilities {
-            architecture: std::env::consts::ARCH.into(),
-            cores: 2,
-            memory_bytes: 1 << 30,
-            gpu: false,
-            backends: vec![Backend::Tract],
-            agent_version: "0.1.0".into(),
-        },
-        active: None,
-        key_set: 1,
-    })
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_mosquitto_with_the_flotilla_acl_a_device_speaks_only_for_itself() {
@@ -96,7 +76,7 @@ async fn on_mosquitto_with_the_flotilla_acl_a_device_speaks_only_for_itself() {
     for (topic, payload) in [
         (
             topics::agent_state("edge-1"),
-            forge("edge-1", birth(1_000_000, "elsewhere")),
+            forge("edge-1", birth(1_000_000, &[("site", "elsewhere")])),
         ),
         (
             topics::agent_state("edge-1"),
@@ -109,7 +89,7 @@ async fn on_mosquitto_with_the_flotilla_acl_a_device_speaks_only_for_itself() {
         // Its own presence, which it may write: proof the ones above reached the broker.
         (
             topics::agent_state(STOLEN.0),
-            forge(STOLEN.0, birth(1, "b")),
+            forge(STOLEN.0, birth(1, &[("site", "b")])),
         ),
     ] {
         client

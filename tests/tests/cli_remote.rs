@@ -4,7 +4,6 @@
 #[path = "../../agent/tests/support/broker.rs"]
 mod broker;
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -16,8 +15,7 @@ use flotilla_control_plane::server::config::{
     hash_token, ApiTls, MqttConfig, Role, ServerConfig, TokenConfig, TrustConfig,
 };
 use flotilla_control_plane::server::{self, unix_ms, RunningServer};
-use flotilla_shared::manifest::Backend;
-use flotilla_shared::wire::{topics, Birth, Capabilities, Envelope, Presence};
+use flotilla_shared::wire::{topics, Envelope, Presence};
 use flotilla_shared::Bundle;
 use flotilla_tests::procs::KillOnDrop;
 use flotilla_tests::{
@@ -174,24 +172,7 @@ impl Fixture {
 
     /// Registers an online agent as if its birth had arrived over MQTT.
     fn add_agent(&self, id: &str, labels: &[(&str, &str)]) {
-        let birth = Birth {
-            session: 1,
-            labels: labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect::<BTreeMap<_, _>>(),
-            capabilities: Capabilities {
-                architecture: std::env::consts::ARCH.into(),
-                cores: 2,
-                memory_bytes: 1 << 30,
-                gpu: false,
-                backends: vec![Backend::Tract],
-                agent_version: "0.1.0".into(),
-            },
-            active: None,
-            key_set: 1,
-        };
-        self.presence(id, Presence::Online(birth));
+        self.presence(id, flotilla_tests::birth(1, labels));
     }
 
     /// Marks an agent added with [`Fixture::add_agent`] offline, as its will would.

@@ -866,6 +866,35 @@ async fn a_new_agent_joins_at_the_release_completed_for_agents_like_it() {
     fleet.shutdown().await;
 }
 
+/// Starts a rollout of `version` to `selector` (which matches the two `agents`) whose canary
+/// bakes for an hour before the second wave, and waits until the canary bakes. Returns the
+/// rollout and the agent left waiting for the second wave.
+async fn roll_out_behind_a_canary(
+    fleet: &Fleet,
+    version: &str,
+    selector: &str,
+    agents: [&'static str; 2],
+) -> (String, &'static str) {
+    let id = fleet
+        .rollout(json!({
+            "bundle": format!("{MODEL}@{version}"),
+            "selector": selector,
+            "waves": [
+                { "size": { "count": 1 }, "bake_secs": 3600 },
+                { "size": { "percent": 100 }, "bake_secs": 0 },
+            ],
+        }))
+        .await;
+    let view = fleet
+        .wait_rollout(&id, |r| r["status"]["stage"] == "baking")
+        .await;
+    let waiting = agents
+        .into_iter()
+        .find(|agent| view["agents"][*agent]["wave"] == 1)
+        .expect("one agent waits in the second wave");
+    (id, waiting)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_a_rollout_holds_is_not_moved_by_another_rollout_completing() {
     let mut fleet = Fleet::start().await;
@@ -885,19 +914,8 @@ async fn an_agent_a_rollout_holds_is_not_moved_by_another_rollout_completing() {
         fleet.start_agent(id, &[("site", "c"), ("tier", "x")]);
     }
     fleet.wait_online(&["edge-c1", "edge-c2"]).await;
-    let hold = fleet
-        .rollout(serde_json::json!({
-            "bundle": format!("{MODEL}@3.0.0"),
-            "selector": "tier=x",
-            "waves": [
-                { "size": { "count": 1 }, "bake_secs": 3600 },
-                { "size": { "percent": 100 }, "bake_secs": 0 },
-            ],
-        }))
-        .await;
-    let view = fleet
-        .wait_rollout(&hold, |r| r["status"]["stage"] == "baking")
-        .await;
+    let (hold, held) =
+        roll_out_behind_a_canary(&fleet, "3.0.0", "tier=x", ["edge-c1", "edge-c2"]).await;
     let (_, first) = fleet
         .get(&format!("/rollouts/{release_c}"), Some(VIEWER_TOKEN))
         .await;
@@ -905,10 +923,6 @@ async fn an_agent_a_rollout_holds_is_not_moved_by_another_rollout_completing() {
         first["state"], "wave",
         "the first rollout ended too soon: {first:#}"
     );
-    let held = ["edge-c1", "edge-c2"]
-        .into_iter()
-        .find(|id| view["agents"][*id]["wave"] == 1)
-        .expect("one agent waits in the second wave");
 
     // The first rollout completes: its release is now the one for the held agent's labels,
     // but the rollout holding it decides what it runs.
@@ -958,23 +972,8 @@ async fn an_expired_bundle_is_neither_sent_on_by_its_rollout_nor_handed_to_new_a
         .wait_rollout(&release, |r| r["state"] == "completed")
         .await;
     // At site b, a canary bakes for an hour before the second wave.
-    let slow = fleet
-        .rollout(json!({
-            "bundle": format!("{MODEL}@1.0.0"),
-            "selector": "site=b",
-            "waves": [
-                { "size": { "count": 1 }, "bake_secs": 3600 },
-                { "size": { "percent": 100 }, "bake_secs": 0 },
-            ],
-        }))
-        .await;
-    let view = fleet
-        .wait_rollout(&slow, |r| r["status"]["stage"] == "baking")
-        .await;
-    let waiting = ["edge-b1", "edge-b2"]
-        .into_iter()
-        .find(|id| view["agents"][*id]["wave"] == 1)
-        .expect("one agent waits in the second wave");
+    let (slow, waiting) =
+        roll_out_behind_a_canary(&fleet, "1.0.0", "site=b", ["edge-b1", "edge-b2"]).await;
 
     // Once the bundle has expired, agents would refuse it as new. The slow rollout stops
     // rather than send it on, and may not be resumed.
