@@ -806,6 +806,17 @@ async fn a_new_agent_joins_at_the_release_completed_for_agents_like_it() {
     assert_eq!(ids(&active), std::slice::from_ref(&v3));
     let (_, newest) = fleet.get("/rollouts?limit=2", Some(VIEWER_TOKEN)).await;
     assert_eq!(ids(&newest), [v3.clone(), v2.clone()]);
+    let (_, older) = fleet
+        .get(
+            &format!("/rollouts?limit=2&before={v2}"),
+            Some(VIEWER_TOKEN),
+        )
+        .await;
+    assert_eq!(ids(&older), ["tiny-bert-embed-1.0.0-1"]);
+    let (status, body) = fleet
+        .get("/rollouts?before=no-such-rollout", Some(VIEWER_TOKEN))
+        .await;
+    assert_eq!(status, 404, "{body}");
     let (status, body) = fleet.get("/rollouts?limit=0", Some(VIEWER_TOKEN)).await;
     assert_eq!(status, 400, "{body}");
     let api = format!("http://{}", fleet.server().api_addr);
@@ -820,6 +831,20 @@ async fn a_new_agent_joins_at_the_release_completed_for_agents_like_it() {
     ]);
     assert!(ok, "{stderr}");
     assert!(table.contains(&v3) && !table.contains(&v2), "{table}");
+    let (ok, table, stderr) = run_flotilla(&[
+        "rollout".as_ref(),
+        "list".as_ref(),
+        "--before".as_ref(),
+        v3.as_ref(),
+        "--limit".as_ref(),
+        "1".as_ref(),
+        "--server".as_ref(),
+        api.as_ref(),
+        "--token".as_ref(),
+        VIEWER_TOKEN.as_ref(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(table.contains(&v2) && !table.contains(&v3), "{table}");
 
     fleet.start_agent("edge-b4", &[("site", "b"), ("hw", "gpu")]);
     fleet.wait_version("edge-b4", "1.0.0").await;
@@ -957,8 +982,9 @@ async fn an_expired_bundle_is_neither_sent_on_by_its_rollout_nor_handed_to_new_a
         fleet.start_agent(id, &[("site", site)]);
     }
     fleet.wait_online(&["edge-a1", "edge-b1", "edge-b2"]).await;
-    // Valid for another 30 seconds (tiny-bert-embed is valid for 365 days from packing).
-    let expires_at = flotilla_control_plane::server::unix_ms() / 1000 + 30;
+    // Valid for another 45 seconds (tiny-bert-embed is valid for 365 days from packing): time
+    // enough for both rollouts to reach their agents on a loaded machine.
+    let expires_at = flotilla_control_plane::server::unix_ms() / 1000 + 45;
     let bundle = pack_signed_at(
         MODEL,
         &fleet.keys.publisher,

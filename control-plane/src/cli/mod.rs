@@ -293,6 +293,9 @@ pub enum RolloutCommand {
         /// At most this many, the newest.
         #[arg(long, value_name = "N")]
         limit: Option<usize>,
+        /// Only those older than this rollout (the last of the previous page).
+        #[arg(long, value_name = "ID")]
+        before: Option<String>,
         /// Print the API's JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -485,9 +488,10 @@ fn run_rollout(command: RolloutCommand) -> Result<()> {
         RolloutCommand::List {
             active,
             limit,
+            before,
             json,
             remote,
-        } => return rollouts::list(active, limit, &remote, json),
+        } => return rollouts::list(active, limit, before, &remote, json),
         RolloutCommand::Status { id, json, remote } => return rollouts::status(&id, &remote, json),
         RolloutCommand::Pause(args) => (Steer::Pause, args),
         RolloutCommand::Resume(args) => (Steer::Resume, args),

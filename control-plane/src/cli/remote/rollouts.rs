@@ -254,6 +254,7 @@ pub(in crate::cli) fn start(args: &StartArgs) -> Result<()> {
 pub(in crate::cli) fn list(
     active: bool,
     limit: Option<usize>,
+    before: Option<String>,
     remote: &RemoteArgs,
     as_json: bool,
 ) -> Result<()> {
@@ -264,6 +265,9 @@ pub(in crate::cli) fn list(
     }
     if let Some(limit) = limit {
         query.push(("limit", limit.to_string()));
+    }
+    if let Some(before) = before {
+        query.push(("before", before));
     }
     let answer = client.get(&["api", "v1", "rollouts"], &query)?;
     if as_json {

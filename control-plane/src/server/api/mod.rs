@@ -489,9 +489,12 @@ struct RolloutQuery {
     active: Option<bool>,
     /// At most this many, the newest; default all.
     limit: Option<usize>,
+    /// Only those listed after this one: the last id of the previous page.
+    before: Option<String>,
 }
 
-/// Rollouts, newest first; every one in full unless `active` or `limit` narrow them.
+/// Rollouts, newest first; every one in full unless `active` or `limit` narrow them. Paged
+/// with `limit` and `before`.
 #[utoipa::path(get, path = "/api/v1/rollouts", tag = "rollouts", params(RolloutQuery),
     security(("bearer" = [])), responses((status = 200, body = Vec<RolloutView>),
         (status = 400, body = ErrorBody)))]
@@ -504,9 +507,13 @@ async fn list_rollouts(
         return Err(ApiError::bad_request("limit must be at least 1"));
     }
     let hub = state.hub();
+    let mut rollouts = hub.rollouts().into_iter();
+    if let Some(before) = &query.before {
+        hub.rollout(before)?;
+        rollouts.find(|r| r.id() == before);
+    }
     Ok(Json(
-        hub.rollouts()
-            .into_iter()
+        rollouts
             .filter(|r| query.active != Some(true) || r.is_active())
             .take(query.limit.unwrap_or(usize::MAX))
             .map(RolloutView::new)
