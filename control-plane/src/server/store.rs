@@ -48,7 +48,7 @@ pub struct BundleRecord {
     pub uploaded_ms: u64,
 }
 
-/// One entry of the append-only event log.
+/// One entry of the event log (appended; the oldest are trimmed past `max_events`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EventRecord {
     /// Position in the log, from 1.
