@@ -1073,6 +1073,105 @@ async fn the_event_log_is_trimmed_to_its_newest_events() {
     fleet.shutdown().await;
 }
 
+/// A client of `GET /api/v1/events/stream`: its server-sent events as (id, name, data).
+struct EventStream {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl EventStream {
+    async fn open(url: &str, last_event_id: Option<&str>) -> Self {
+        let mut request = reqwest::Client::new().get(url).bearer_auth(VIEWER_TOKEN);
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        let response = request.send().await.expect("the server answers");
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.headers()["content-type"],
+            "text/event-stream",
+            "{response:?}"
+        );
+        Self {
+            response,
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event (keep-alive comments skipped); `None` once the stream ends.
+    async fn next(&mut self) -> Option<(u64, String, Value)> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let field = |name: &str| {
+                    block
+                        .lines()
+                        .find_map(|l| l.strip_prefix(name))
+                        .map(|v| v.trim_start().to_owned())
+                };
+                let (Some(id), Some(name), Some(data)) =
+                    (field("id:"), field("event:"), field("data:"))
+                else {
+                    continue; // a comment
+                };
+                let data = serde_json::from_str(&data).expect("JSON data");
+                return Some((id.parse().expect("numeric id"), name, data));
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(30), self.response.chunk())
+                .await
+                .expect("an event within 30 s")
+                .expect("the stream reads")?;
+            self.buffer
+                .push_str(std::str::from_utf8(&chunk).expect("UTF-8"));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_log_streams_as_server_sent_events_and_resumes() {
+    let mut fleet = Fleet::start().await;
+    let url = format!(
+        "http://{}/api/v1/events/stream?kind=agent_online",
+        fleet.server().api_addr
+    );
+    let mut stream = EventStream::open(&url, None).await;
+    fleet.start_agent("edge-1", &[("site", "a")]);
+    let (first, name, data) = stream.next().await.expect("an event");
+    assert_eq!(
+        (name.as_str(), &data["agent"]),
+        ("agent_online", &json!("edge-1"))
+    );
+    assert_eq!(data["id"], first);
+    drop(stream);
+
+    // What was logged while no one listened comes first to a client that resumes.
+    fleet.start_agent("edge-2", &[("site", "a")]);
+    fleet.wait_online(&["edge-2"]).await;
+    let mut resumed = EventStream::open(&url, Some(&first.to_string())).await;
+    let (next, _, data) = resumed.next().await.expect("an event");
+    assert!(next > first, "{next} after {first}");
+    assert_eq!(data["agent"], "edge-2", "{data:#}");
+
+    let refused = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(VIEWER_TOKEN)
+        .header("Last-Event-ID", "yesterday")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    let (status, _) = fleet
+        .get("/events/stream?after=soon", Some(VIEWER_TOKEN))
+        .await;
+    assert_eq!(status, 400);
+
+    // Stopping the server ends open streams instead of waiting on them.
+    tokio::time::timeout(Duration::from_secs(30), fleet.shutdown())
+        .await
+        .expect("the server stops with a stream open");
+    assert_eq!(resumed.next().await, None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_assignment_off_a_new_agent_waits_for_a_rollout() {
     let fleet = Fleet::start_with(|config| config.assign_new_agents = false).await;

@@ -192,6 +192,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
         metrics: Arc::new(metrics::ServerMetrics::new()),
         mqtt: stats,
         max_upload_bytes: usize::try_from(config.max_upload_bytes).unwrap_or(usize::MAX),
+        shutdown: shutdown_rx.clone(),
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

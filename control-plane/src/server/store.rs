@@ -96,6 +96,8 @@ pub struct Store {
     /// The last event id given out. Kept from the log itself rather than the database's id
     /// generator, so a restored log goes on where it ended.
     last_event: Arc<AtomicU64>,
+    /// The id of the newest event appended, for readers that wait for the next.
+    appended: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -127,6 +129,7 @@ impl Store {
             events,
             trust: tree("trust")?,
             last_event: Arc::new(AtomicU64::new(last_event)),
+            appended: Arc::new(tokio::sync::watch::Sender::new(last_event)),
             db,
         })
     }
@@ -286,7 +289,17 @@ impl Store {
         record.id = id;
         let bytes = serde_json::to_vec(&record)?;
         self.events.insert(id.to_be_bytes(), bytes)?;
+        self.appended.send_if_modified(|newest| {
+            let newer = id > *newest;
+            *newest = (*newest).max(id);
+            newer
+        });
         Ok(record)
+    }
+
+    /// Changes each time an event is appended (to the newest id).
+    pub fn watch_events(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.appended.subscribe()
     }
 
     /// Removes the oldest events so that none older than the newest `keep` ids remain, at most

@@ -35,7 +35,7 @@ use super::hub::{Hub, HubError, SignerScan, Steer};
 use super::metrics::{ServerMetrics, CONTENT_TYPE};
 use super::mqtt::MqttStats;
 use super::registry::AgentRecord;
-use super::store::{BundleRecord, Store};
+use super::store::{BundleRecord, EventRecord, Store};
 use super::unix_ms;
 use crate::rollout::{RolloutSpec, Selector};
 
@@ -54,6 +54,8 @@ pub struct AppState {
     pub mqtt: Arc<MqttStats>,
     /// Largest accepted upload, bytes.
     pub max_upload_bytes: usize,
+    /// Changes when the server stops, so long-lived answers (event streams) end.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl AppState {
@@ -181,6 +183,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(get_rollout))
         .routes(routes!(steer_rollout))
         .routes(routes!(list_events))
+        .routes(routes!(stream_events))
         .routes(routes!(server_key))
         .routes(routes!(whoami))
         .routes(routes!(backup))
@@ -650,17 +653,7 @@ async fn list_events(
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad_request("limit must be 1-1000"));
     }
-    let keep = |e: &super::store::EventRecord| {
-        query
-            .agent
-            .as_ref()
-            .is_none_or(|a| e.agent.as_ref() == Some(a))
-            && query
-                .rollout
-                .as_ref()
-                .is_none_or(|r| e.rollout.as_ref() == Some(r))
-            && query.kind.as_ref().is_none_or(|k| &e.kind == k)
-    };
+    let keep = |e: &EventRecord| event_matches(e, &query.agent, &query.rollout, &query.kind);
     if query.newest == Some(true) {
         let events = state.store.latest_events(limit, keep)?;
         return Ok(Json(EventsPage {
@@ -671,6 +664,134 @@ async fn list_events(
     let events = state.store.events(query.after.unwrap_or(0), limit, keep)?;
     let next_after = events.last().map(|e| e.id).or(query.after);
     Ok(Json(EventsPage { events, next_after }))
+}
+
+/// Whether `e` is about `agent`, of `rollout` and of `kind`, each when given.
+fn event_matches(
+    e: &EventRecord,
+    agent: &Option<String>,
+    rollout: &Option<String>,
+    kind: &Option<String>,
+) -> bool {
+    agent.as_ref().is_none_or(|a| e.agent.as_ref() == Some(a))
+        && rollout
+            .as_ref()
+            .is_none_or(|r| e.rollout.as_ref() == Some(r))
+        && kind.as_ref().is_none_or(|k| &e.kind == k)
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct StreamQuery {
+    /// Only events about this agent.
+    agent: Option<String>,
+    /// Only events of this rollout.
+    rollout: Option<String>,
+    /// Only events of this kind.
+    kind: Option<String>,
+    /// Start after this event id (default: from now on); a `Last-Event-ID` header wins.
+    after: Option<u64>,
+}
+
+/// How many events the stream reads from the log at a time.
+const STREAM_BATCH: usize = 100;
+
+/// The event log as it grows, as server-sent events: each has the event's id, its kind as the
+/// SSE event name, and the record as JSON data. Starts after `after` (or the `Last-Event-ID` a
+/// reconnecting client sends), else with the next event; comments keep idle connections open.
+#[utoipa::path(get, path = "/api/v1/events/stream", tag = "events", params(StreamQuery),
+    security(("bearer" = [])),
+    responses((status = 200, content_type = "text/event-stream", description = "events as they are logged")))]
+async fn stream_events(
+    Viewer(_): Viewer,
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<StreamQuery>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<
+    axum::response::Sse<
+        impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+    >,
+> {
+    let resume = match headers.get("last-event-id") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| ApiError::bad_request("Last-Event-ID must be an event id"))?,
+        ),
+    };
+    let mut appended = state.store.watch_events();
+    let after = resume
+        .or(query.after)
+        .unwrap_or_else(|| *appended.borrow_and_update());
+    let reader = EventReader {
+        store: state.store.clone(),
+        query,
+        after,
+        appended,
+        shutdown: state.shutdown.clone(),
+    };
+    use futures_util::StreamExt as _;
+    let stream = futures_util::stream::unfold(reader, EventReader::next_batch)
+        .map(futures_util::stream::iter)
+        .flatten();
+    Ok(axum::response::Sse::new(stream).keep_alive(axum::response::sse::KeepAlive::default()))
+}
+
+/// Where one event stream is in the log.
+struct EventReader {
+    store: Store,
+    query: StreamQuery,
+    after: u64,
+    appended: tokio::sync::watch::Receiver<u64>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl EventReader {
+    /// The next events that match, as SSE events, waiting for them if there are none yet;
+    /// `None` ends the stream (the server is stopping, or the log cannot be read).
+    async fn next_batch(
+        mut self,
+    ) -> Option<(
+        Vec<Result<axum::response::sse::Event, std::convert::Infallible>>,
+        Self,
+    )> {
+        loop {
+            // Taken before the read: an event appended after it marks the watch changed, so
+            // it is read on the next turn rather than skipped.
+            let newest = *self.appended.borrow_and_update();
+            let q = &self.query;
+            let batch = match self.store.events(self.after, STREAM_BATCH, |e| {
+                event_matches(e, &q.agent, &q.rollout, &q.kind)
+            }) {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "cannot read the event log for a stream");
+                    return None;
+                }
+            };
+            if let Some(last) = batch.last() {
+                self.after = last.id;
+                let events = batch.iter().map(|e| Ok(sse_event(e))).collect();
+                return Some((events, self));
+            }
+            // Nothing up to `newest` matches: go on from there once another is appended.
+            self.after = self.after.max(newest);
+            tokio::select! {
+                changed = self.appended.changed() => changed.ok()?,
+                _ = self.shutdown.changed() => return None,
+            }
+        }
+    }
+}
+
+fn sse_event(e: &EventRecord) -> axum::response::sse::Event {
+    axum::response::sse::Event::default()
+        .id(e.id.to_string())
+        .event(&e.kind)
+        .data(serde_json::to_string(e).expect("invariant: event records encode as JSON"))
 }
 
 // ---- server ----------------------------------------------------------------------------
