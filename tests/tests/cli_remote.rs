@@ -1106,4 +1106,8 @@ fn events_are_listed_filtered_and_followed() {
 
     child.kill().expect("stop the follower");
     let _ = child.wait();
+
+    let both = fx.cli(Some(VIEWER_TOKEN), &["events", "--follow", "--limit", "5"]);
+    assert_eq!(both.code, Some(2), "{both:#?}");
+    assert!(both.stderr.contains("cannot be used with"), "{both:#?}");
 }

@@ -357,9 +357,10 @@ pub struct EventsArgs {
     #[arg(long, value_name = "N")]
     pub after: Option<u64>,
     /// At most this many events (1-1000) [default: 100].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", conflicts_with = "follow")]
     pub limit: Option<usize>,
-    /// Keep polling every second for new events until interrupted.
+    /// Print every event from `--after` (the start of the log by default) on as the server
+    /// logs it, from its event stream, until interrupted.
     #[arg(long, short)]
     pub follow: bool,
     /// Print the API's JSON (JSON lines with --follow).

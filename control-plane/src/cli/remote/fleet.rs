@@ -1,7 +1,7 @@
 //! `flotilla agents` and `flotilla events`: the fleet and the event log.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::io::BufRead as _;
 
 use anyhow::{Context, Result};
 use flotilla_shared::wire::Health;
@@ -10,12 +10,6 @@ use serde::Deserialize;
 use super::table::{self, Table};
 use super::{emit, print_json, Client, RemoteArgs};
 use crate::server::store::EventRecord;
-
-/// How often `events --follow` asks for new events.
-const FOLLOW_INTERVAL: Duration = Duration::from_secs(1);
-
-/// The server's page size when none is asked for.
-const DEFAULT_PAGE: usize = 100;
 
 /// The parts of the API's agent view the table shows.
 #[derive(Debug, Deserialize)]
@@ -138,7 +132,7 @@ pub(in crate::cli) struct EventFilter {
     pub kind: Option<String>,
     /// Only after this event id.
     pub after: Option<u64>,
-    /// Page size; the server's default (100) when `None`.
+    /// Page size; the server's default (100) when `None`. Not for following.
     pub limit: Option<usize>,
 }
 
@@ -169,11 +163,10 @@ impl EventFilter {
 #[derive(Debug, Deserialize)]
 struct EventsPage {
     events: Vec<EventRecord>,
-    next_after: Option<u64>,
 }
 
-/// Prints one page of the event log, or with `follow` keeps asking for newer events every
-/// second until interrupted.
+/// Prints one page of the event log, or with `follow` every event from `after` (the start of
+/// the log by default) on, as the server's event stream sends them, until interrupted.
 pub(in crate::cli) fn events(
     filter: &EventFilter,
     follow: bool,
@@ -181,36 +174,39 @@ pub(in crate::cli) fn events(
     as_json: bool,
 ) -> Result<()> {
     let client = Client::new(remote)?;
+    if follow {
+        return follow_events(&client, filter, as_json);
+    }
     let answer = client.get(&["api", "v1", "events"], &filter.query(filter.after))?;
-    if as_json && !follow {
+    if as_json {
         return print_json(&answer.json);
     }
     let page: EventsPage = answer.parse("event page")?;
-
-    if !follow {
-        if page.events.is_empty() {
-            return emit("no events\n");
-        }
-        return emit(&event_table(&page.events).render(""));
+    if page.events.is_empty() {
+        return emit("no events\n");
     }
+    emit(&event_table(&page.events).render(""))
+}
 
-    // Following: one line per event as it arrives (JSON lines with --json), no header.
-    let mut after = page.next_after;
-    let mut events = page.events;
+/// One line per event as the stream delivers it (JSON lines with `as_json`), no header. The
+/// stream ends only when the server stops; then this ends with the error of reconnecting.
+fn follow_events(client: &Client, filter: &EventFilter, as_json: bool) -> Result<()> {
+    let mut after = filter.after.unwrap_or(0);
     loop {
-        for event in &events {
-            emit(&(event_line(event, as_json)? + "\n"))?;
+        let query = filter.query(Some(after));
+        let stream = client.stream(&["api", "v1", "events", "stream"], &query)?;
+        let mut data = String::new();
+        for line in std::io::BufReader::new(stream).lines() {
+            let line = line.context("the event stream broke off")?;
+            if let Some(value) = line.strip_prefix("data:") {
+                data.push_str(value.trim_start());
+            } else if line.is_empty() && !data.is_empty() {
+                let event: EventRecord = serde_json::from_str(&std::mem::take(&mut data))
+                    .context("unexpected event from the server")?;
+                after = event.id;
+                emit(&(event_line(&event, as_json)? + "\n"))?;
+            }
         }
-        // A full page means more are waiting: fetch them at once.
-        let page_was_full = events.len() >= filter.limit.unwrap_or(DEFAULT_PAGE);
-        if !page_was_full {
-            std::thread::sleep(FOLLOW_INTERVAL);
-        }
-        let page: EventsPage = client
-            .get(&["api", "v1", "events"], &filter.query(after))?
-            .parse("event page")?;
-        after = page.next_after.or(after);
-        events = page.events;
     }
 }
 

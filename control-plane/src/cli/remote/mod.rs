@@ -167,6 +167,13 @@ impl Client {
         self.send(request, &url)
     }
 
+    /// `GET` a response that lasts (an event stream) under the base URL, with no overall time
+    /// limit; its body is read as it arrives.
+    pub(crate) fn stream(&self, segments: &[&str], query: &[(&str, String)]) -> Result<Response> {
+        let url = self.url(segments, query);
+        self.respond(self.uploads.get(url.clone()), &url)
+    }
+
     /// `GET` a raw octet stream under the base URL into `out`, with no overall time limit;
     /// returns the bytes copied.
     pub(crate) fn download(&self, segments: &[&str], out: &mut impl std::io::Write) -> Result<u64> {
