@@ -137,6 +137,13 @@ impl PublicKey {
         let signature = ed25519_dalek::Signature::from_bytes(signature);
         self.0.verify_strict(message, &signature).is_ok()
     }
+
+    /// [`PublicKey::verify_strict`] for a signature as it travels (bytes of any length): one
+    /// that is not 64 bytes long does not verify.
+    pub fn verify_strict_bytes(&self, message: &[u8], signature: &[u8]) -> bool {
+        <&[u8; 64]>::try_from(signature)
+            .is_ok_and(|signature| self.verify_strict(message, signature))
+    }
 }
 
 /// CBOR: the 32 raw bytes. Decoding refuses invalid and weak points, as

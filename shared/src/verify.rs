@@ -405,9 +405,7 @@ pub(crate) fn signers(
             found.unknown.push(sig.key_id);
             continue;
         };
-        let verifies = <&[u8; 64]>::try_from(sig.signature.as_slice())
-            .is_ok_and(|bytes| key.verify_strict(message, bytes));
-        if !verifies {
+        if !key.verify_strict_bytes(message, &sig.signature) {
             return Err(sig.key_id);
         }
         if !found.valid.insert(sig.key_id) {

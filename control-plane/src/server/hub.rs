@@ -1336,9 +1336,7 @@ impl SignerScan {
                 .with_context(|| format!("held bundle {digest} does not parse"))?;
             for key in keys {
                 let signed = signatures.iter().any(|s| {
-                    s.key_id == key.id()
-                        && <&[u8; 64]>::try_from(s.signature.as_slice())
-                            .is_ok_and(|sig| key.verify_strict(manifest, sig))
+                    s.key_id == key.id() && key.verify_strict_bytes(manifest, &s.signature)
                 });
                 verdicts.insert((digest, key.id()), signed);
             }

@@ -467,11 +467,7 @@ impl SignedDesiredState {
                 None => return Err(DesiredStateError::UnknownKey(self.key_id)),
             }
         };
-        let signature: &[u8; 64] = signature
-            .as_slice()
-            .try_into()
-            .map_err(|_| DesiredStateError::BadSignature)?;
-        if !control_plane.verify_strict(&self.state, signature) {
+        if !control_plane.verify_strict_bytes(&self.state, signature) {
             return Err(DesiredStateError::BadSignature);
         }
         serde_cbor::from_slice(&self.state).map_err(|e| DesiredStateError::Malformed(e.to_string()))
