@@ -257,14 +257,26 @@ fn serve_https(
     }))
 }
 
-async fn run_clock(hub: Arc<Mutex<Hub>>, mut shutdown: watch::Receiver<bool>) {
-    let mut interval = tokio::time::interval(TICK);
+/// Runs `step` every `period` (a late one is delayed, not bunched) until the server stops.
+async fn every<F: std::future::Future<Output = ()>>(
+    period: Duration,
+    mut shutdown: watch::Receiver<bool>,
+    mut step: impl FnMut() -> F,
+) {
+    let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = interval.tick() => {}
             _ = shutdown.changed() => break,
         }
+        step().await;
+    }
+}
+
+/// Steps presence timeouts and rollouts every [`TICK`].
+async fn run_clock(hub: Arc<Mutex<Hub>>, shutdown: watch::Receiver<bool>) {
+    every(TICK, shutdown, || {
         let result = hub
             .lock()
             .expect("invariant: hub lock never poisoned")
@@ -272,28 +284,30 @@ async fn run_clock(hub: Arc<Mutex<Hub>>, mut shutdown: watch::Receiver<bool>) {
         if let Err(e) = result {
             tracing::error!(error = %format!("{e:#}"), "rollout clock step failed");
         }
-    }
+        std::future::ready(())
+    })
+    .await;
 }
 
 /// Keeps the event log to its newest `max_events`, removing at most [`TRIM_BATCH`] every
 /// [`TRIM_EVERY`] on a blocking thread (the hub's lock is not needed: ids only grow).
-async fn run_event_trim(store: store::Store, max_events: u64, mut shutdown: watch::Receiver<bool>) {
-    let mut interval = tokio::time::interval(TRIM_EVERY);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = interval.tick() => {}
-            _ = shutdown.changed() => break,
-        }
+async fn run_event_trim(store: store::Store, max_events: u64, shutdown: watch::Receiver<bool>) {
+    every(TRIM_EVERY, shutdown, || {
         let store = store.clone();
-        match tokio::task::spawn_blocking(move || store.prune_events(max_events, TRIM_BATCH)).await
-        {
-            Ok(Ok(0)) => {}
-            Ok(Ok(removed)) => tracing::debug!(removed, "oldest events removed"),
-            Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "cannot trim the event log"),
-            Err(e) => tracing::error!(error = %e, "event log trimming failed"),
+        async move {
+            match tokio::task::spawn_blocking(move || store.prune_events(max_events, TRIM_BATCH))
+                .await
+            {
+                Ok(Ok(0)) => {}
+                Ok(Ok(removed)) => tracing::debug!(removed, "oldest events removed"),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %format!("{e:#}"), "cannot trim the event log")
+                }
+                Err(e) => tracing::error!(error = %e, "event log trimming failed"),
+            }
         }
-    }
+    })
+    .await;
 }
 
 /// Where the server's signing key lives in `data_dir`.
