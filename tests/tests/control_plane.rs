@@ -820,30 +820,18 @@ async fn a_new_agent_joins_at_the_release_completed_for_agents_like_it() {
     let (status, body) = fleet.get("/rollouts?limit=0", Some(VIEWER_TOKEN)).await;
     assert_eq!(status, 400, "{body}");
     let api = format!("http://{}", fleet.server().api_addr);
-    let (ok, table, stderr) = run_flotilla(&[
-        "rollout".as_ref(),
-        "list".as_ref(),
-        "--active".as_ref(),
-        "--server".as_ref(),
-        api.as_ref(),
-        "--token".as_ref(),
-        VIEWER_TOKEN.as_ref(),
-    ]);
-    assert!(ok, "{stderr}");
+    let list = |flags: &[&str]| {
+        let mut args = vec!["rollout", "list"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["--server", &api, "--token", VIEWER_TOKEN]);
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        let (ok, table, stderr) = run_flotilla(&args);
+        assert!(ok, "{stderr}");
+        table
+    };
+    let table = list(&["--active"]);
     assert!(table.contains(&v3) && !table.contains(&v2), "{table}");
-    let (ok, table, stderr) = run_flotilla(&[
-        "rollout".as_ref(),
-        "list".as_ref(),
-        "--before".as_ref(),
-        v3.as_ref(),
-        "--limit".as_ref(),
-        "1".as_ref(),
-        "--server".as_ref(),
-        api.as_ref(),
-        "--token".as_ref(),
-        VIEWER_TOKEN.as_ref(),
-    ]);
-    assert!(ok, "{stderr}");
+    let table = list(&["--before", &v3, "--limit", "1"]);
     assert!(table.contains(&v2) && !table.contains(&v3), "{table}");
 
     fleet.start_agent("edge-b4", &[("site", "b"), ("hw", "gpu")]);
