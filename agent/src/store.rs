@@ -312,6 +312,22 @@ fn be_u64(bytes: &[u8]) -> u64 {
 mod tests {
     use super::*;
 
+    /// Opens the store again once the dropped one let go: sled's background flusher may hold
+    /// the database's file lock for a moment after the last handle is dropped.
+    fn reopen(root: &Path) -> Store {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(root) {
+                Ok(store) => return store,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    assert!(format!("{e:#}").contains("acquire lock"), "{e:#}");
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e:#}"),
+            }
+        }
+    }
+
     #[test]
     fn activation_moves_active_to_previous_and_raises_the_floor() {
         let dir = tempfile::tempdir().unwrap();
@@ -328,7 +344,7 @@ mod tests {
         );
         drop(store);
 
-        let reopened = Store::open(dir.path()).unwrap();
+        let reopened = reopen(dir.path());
         assert_eq!(reopened.active().unwrap(), Some(b));
         assert_eq!(reopened.floor("m").unwrap(), Some(3));
     }
@@ -360,7 +376,7 @@ mod tests {
 
         store.append_key_set(&set(b"ours")).unwrap();
         drop(store);
-        let reopened = Store::open(dir.path()).unwrap();
+        let reopened = reopen(dir.path());
         assert_eq!(reopened.key_sets().unwrap(), vec![set(b"ours")]);
         assert!(!reopened.reset_floors(&set(b"ours"), &resets).unwrap());
         // Another set of the same version (another fleet's chain) runs its own.
