@@ -4,7 +4,6 @@
 //! One task owns the decisions (the loop in [`run`]); installs run in their own task so the
 //! loop keeps answering heartbeats and chunk traffic while a model downloads and loads.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -13,8 +12,8 @@ use flotilla_shared::wire::{
     topics, Birth, Chunk, ChunkRequest, DesiredBundle, DesiredState, Envelope, Event, EventKind,
     Health, Heartbeat, Presence, SignedDesiredState, Telemetry,
 };
+use flotilla_shared::Sha256Digest;
 use flotilla_shared::{KeyId, SignedKeySet};
-use flotilla_shared::{PublicKey, Sha256Digest};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{info, info_span, warn, Instrument};
@@ -22,7 +21,9 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::config::AgentConfig;
 use crate::download::{self, DownloadConfig, Requester};
 use crate::host::{capabilities, ProcessSampler};
+use crate::identity::Identity;
 use crate::install::{InstallError, Installer, Stage, Staged, Trust};
+use crate::keyfile;
 use crate::link::{Incoming, Link, LinkConfig, LinkHandle, QoS};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
@@ -37,26 +38,19 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Reads a PEM public key file, naming it on error.
-pub fn load_public_key(path: &Path) -> Result<PublicKey> {
-    let pem = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read public key {}", path.display()))?;
-    PublicKey::from_pem(&pem).with_context(|| format!("bad public key {}", path.display()))
-}
-
 /// Loads the trust configuration's key files.
 pub fn load_trust(config: &AgentConfig) -> Result<Trust> {
     let publishers = config
         .trust
         .publishers
         .iter()
-        .map(|p| load_public_key(p))
+        .map(|p| keyfile::load_public(p))
         .collect::<Result<Vec<_>>>()?;
     let control_plane = config
         .trust
         .control_plane
         .as_deref()
-        .map(load_public_key)
+        .map(keyfile::load_public)
         .transpose()?;
     Ok(Trust {
         publishers,
@@ -155,6 +149,7 @@ pub async fn run(
     let trust = load_trust(&config)?;
     let configured_control_plane = trust.control_plane.map(|k| k.id());
     let store = Store::open(&config.data_dir)?;
+    let identity = Identity::load_or_create(&config.data_dir)?;
     let installer = Installer::new(store.clone(), trust, config.inference.backends.clone())
         .with_placement(config.inference.placement());
     // Before the model is restored: its bundle is checked against the keys trusted now.
@@ -175,9 +170,14 @@ pub async fn run(
     let api = ApiServer::start(&config.api, slot.clone(), metrics.clone()).await?;
 
     let backends = installer.placement().available_backends();
-    let link = start_link(&config, &installer, &slot, backends)?;
+    let link = start_link(&config, &identity, &installer, &slot, backends)?;
     let (mut incoming, link) = link;
-    let outbox = Outbox::open(store.tree("outbox")?, &config.id, config.outbox_capacity)?;
+    let outbox = Outbox::open(
+        store.tree("outbox")?,
+        &config.id,
+        identity.clone(),
+        config.outbox_capacity,
+    )?;
     let delivery = AbortOnDrop(outbox.spawn_delivery(link.clone()));
 
     let shared = Arc::new(Shared {
@@ -236,7 +236,8 @@ pub async fn run(
             session: shared.link.session(),
         },
     );
-    if let Err(e) = shared.link.shutdown(offline.encode()).await {
+    let offline = identity.seal(&topics::agent_state(&shared.config.id), offline.encode());
+    if let Err(e) = shared.link.shutdown(offline).await {
         warn!(error = %e, "offline presence not confirmed");
     }
     // Only once the delivery task is gone is the store closed: a caller may open it again
@@ -247,6 +248,7 @@ pub async fn run(
 
 fn start_link(
     config: &AgentConfig,
+    identity: &Identity,
     installer: &Installer,
     slot: &Arc<ModelSlot>,
     backends: Vec<flotilla_shared::manifest::Backend>,
@@ -256,6 +258,9 @@ fn start_link(
     let birth_slot = slot.clone();
     let birth_id = id.clone();
     let birth_installer = installer.clone();
+    let birth_identity = identity.clone();
+    let state_topic = topics::agent_state(&id);
+    let birth_topic = state_topic.clone();
     let birth = Arc::new(move |session: u64| {
         let birth = Birth {
             session,
@@ -263,12 +268,16 @@ fn start_link(
             capabilities: capabilities(backends.clone()),
             active: birth_slot.current().map(|m| m.active()),
             key_set: birth_installer.trust().key_set,
+            identity: birth_identity.public(),
         };
-        Envelope::new(&birth_id, 0, now_ms(), Presence::Online(birth)).encode()
+        let envelope = Envelope::new(&birth_id, 0, now_ms(), Presence::Online(birth));
+        birth_identity.seal(&birth_topic, envelope.encode())
     });
     let will_id = id.clone();
+    let will_identity = identity.clone();
     let will = Arc::new(move |session: u64| {
-        Envelope::new(&will_id, 0, now_ms(), Presence::Offline { session }).encode()
+        let envelope = Envelope::new(&will_id, 0, now_ms(), Presence::Offline { session });
+        will_identity.seal(&state_topic, envelope.encode())
     });
 
     let mut link_config = LinkConfig::new(id.clone(), config.broker.clone(), birth, will);

@@ -55,6 +55,18 @@ pub fn write_pair(name: &str, dir: &Path, key: &SecretKey) -> Result<KeyPair> {
     })
 }
 
+/// The secret key `DIR/NAME.key`, made with its `.pub` on first use (the pair is returned
+/// then, for the caller to announce).
+pub fn load_or_generate(name: &str, dir: &Path) -> Result<(SecretKey, Option<KeyPair>)> {
+    let path = dir.join(format!("{name}.key"));
+    let made = if path.exists() {
+        None
+    } else {
+        Some(generate(name, dir)?)
+    };
+    Ok((load_secret(&path)?, made))
+}
+
 /// 32 bytes from the operating system's random source.
 pub fn random_seed() -> Result<[u8; 32]> {
     let mut seed = [0u8; 32];

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use flotilla_agent::agent::{self, ApiServer, DegradationWatch};
 use flotilla_agent::config::AgentConfig;
+use flotilla_agent::identity::{Identity, IDENTITY_KEY_NAME};
 use flotilla_agent::install::Installer;
 use flotilla_agent::metrics::Metrics;
 use flotilla_agent::serving::ModelSlot;
@@ -30,6 +31,20 @@ enum Command {
     Run(RunArgs),
     /// Serve one local bundle with the same API and no broker, for application development.
     Serve(ServeArgs),
+    /// Print the agent's identity key (made now if the data directory has none), which signs
+    /// its reports: compare it with what the control plane registered (`identity` in
+    /// `flotilla agents --json`).
+    Identity(IdentityArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct IdentityArgs {
+    /// Agent configuration file (TOML); only `data_dir` is read.
+    #[arg(long, env = "FLOTILLA_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (overrides the file).
+    #[arg(long, env = "FLOTILLA_AGENT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -103,6 +118,7 @@ fn main() {
         match cli.command {
             Command::Run(args) => run(args).await,
             Command::Serve(args) => serve(args).await,
+            Command::Identity(args) => identity(args),
         }
     });
     if let Err(e) = result {
@@ -138,6 +154,27 @@ async fn run(args: RunArgs) -> Result<()> {
     }
     info!(agent = %config.id, broker = %config.broker.url, "starting agent");
     agent::run(config, shutdown_signal()).await
+}
+
+fn identity(args: IdentityArgs) -> Result<()> {
+    let mut config = match &args.config {
+        Some(path) => AgentConfig::load(path)?,
+        None => AgentConfig::default(),
+    };
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    let public = Identity::load_or_create(&config.data_dir)?.public();
+    println!("key id   {}", public.id().0.to_hex());
+    println!("identity {}", hex::encode(public.to_bytes()));
+    println!(
+        "file     {}",
+        config
+            .data_dir
+            .join(format!("{IDENTITY_KEY_NAME}.pub"))
+            .display()
+    );
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {

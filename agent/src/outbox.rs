@@ -1,7 +1,8 @@
 //! Telemetry that survives disconnections and restarts: a bounded, ordered, persisted queue.
 //!
 //! [`Outbox::push`] gives every heartbeat and event the next per-agent sequence number, wraps
-//! it in an [`Envelope`] whose `seq` is that number, and stores the encoded envelope in sled.
+//! it in an [`Envelope`] whose `seq` is that number, and stores the encoded envelope in sled;
+//! delivery signs each one with the agent's [`Identity`] as it goes out.
 //! Numbers are persisted with the item and never reused, so a receiver that sees a gap knows
 //! something is missing (a dropped item also leaves a gap). [`Outbox::run_delivery`] sends the
 //! items in order on the agent's telemetry topic at QoS 1 whenever the control plane listens
@@ -25,6 +26,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, warn, Instrument};
 
+use crate::identity::Identity;
 use crate::link::{Ack, LinkError, LinkHandle};
 
 /// Items sent before the oldest one must be acknowledged.
@@ -90,6 +92,7 @@ struct Inner {
     tree: sled::Tree,
     agent_id: String,
     topic: String,
+    identity: Identity,
     capacity: u64,
     state: Mutex<State>,
     /// Woken on every push.
@@ -126,7 +129,12 @@ impl Outbox {
     /// Entries that cannot be understood are removed with a warning rather than failing the
     /// agent; counters that cannot be read restart from the clock in milliseconds, which is
     /// far above any count of telemetry items, so sequence numbers still only grow.
-    pub fn open(tree: sled::Tree, agent_id: &str, capacity: u64) -> Result<Self, OutboxError> {
+    pub fn open(
+        tree: sled::Tree,
+        agent_id: &str,
+        identity: Identity,
+        capacity: u64,
+    ) -> Result<Self, OutboxError> {
         check_agent_id(agent_id).map_err(OutboxError::AgentId)?;
 
         let mut items = BTreeMap::new();
@@ -168,6 +176,7 @@ impl Outbox {
                 tree,
                 agent_id: agent_id.to_owned(),
                 topic: topics::agent_telemetry(agent_id),
+                identity,
                 capacity: capacity.max(1),
                 state: Mutex::new(State {
                     next_seq,
@@ -347,8 +356,9 @@ impl Outbox {
                     error!(seq, %error, "cannot flush telemetry outbox, holding items back");
                     return Delivery::Interrupted;
                 }
+                let report = self.inner.identity.seal(&self.inner.topic, envelope);
                 match link
-                    .publish_confirmed(self.inner.topic.clone(), envelope)
+                    .publish_confirmed(self.inner.topic.clone(), report)
                     .await
                 {
                     Ok(ack) => in_flight.push_back((seq, ack)),
@@ -534,6 +544,10 @@ mod tests {
         })
     }
 
+    fn identity() -> Identity {
+        Identity::new(flotilla_shared::SecretKey::from_seed([9; 32]))
+    }
+
     fn tree(db: &sled::Db) -> sled::Tree {
         db.open_tree("outbox").unwrap()
     }
@@ -550,7 +564,7 @@ mod tests {
     #[test]
     fn full_outbox_drops_heartbeats_before_events_and_counts_drops() {
         let db = sled::Config::new().temporary(true).open().unwrap();
-        let outbox = Outbox::open(tree(&db), "edge-1", 4).unwrap();
+        let outbox = Outbox::open(tree(&db), "edge-1", identity(), 4).unwrap();
         use TelemetryKind::{Event as E, Heartbeat as H};
 
         for item in [event(), heartbeat(), heartbeat(), event()] {
@@ -581,7 +595,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let db = sled::open(dir.path()).unwrap();
-            let outbox = Outbox::open(tree(&db), "edge-1", 2).unwrap();
+            let outbox = Outbox::open(tree(&db), "edge-1", identity(), 2).unwrap();
             for _ in 0..3 {
                 outbox.push(heartbeat()).unwrap();
             }
@@ -590,7 +604,7 @@ mod tests {
         }
 
         let db = sled::open(dir.path()).unwrap();
-        let outbox = Outbox::open(tree(&db), "edge-1", 2).unwrap();
+        let outbox = Outbox::open(tree(&db), "edge-1", identity(), 2).unwrap();
         assert_eq!(outbox.items(), [(2, TelemetryKind::Heartbeat)]);
         assert_eq!(outbox.dropped(), 1);
         assert_eq!(
@@ -603,7 +617,7 @@ mod tests {
     #[test]
     fn stored_envelope_carries_the_outbox_sequence_number() {
         let db = sled::Config::new().temporary(true).open().unwrap();
-        let outbox = Outbox::open(tree(&db), "edge-1", 10).unwrap();
+        let outbox = Outbox::open(tree(&db), "edge-1", identity(), 10).unwrap();
         outbox.push(heartbeat()).unwrap();
         let seq = outbox.push(event()).unwrap();
 
@@ -619,14 +633,14 @@ mod tests {
         let db = sled::Config::new().temporary(true).open().unwrap();
         let tree = tree(&db);
         {
-            let outbox = Outbox::open(tree.clone(), "edge-1", 10).unwrap();
+            let outbox = Outbox::open(tree.clone(), "edge-1", identity(), 10).unwrap();
             outbox.push(event()).unwrap();
         }
         tree.insert(b"item/short", b"e".to_vec()).unwrap();
         tree.insert(item_key(50), b"?junk".to_vec()).unwrap();
         tree.insert(NEXT_SEQ_KEY, b"x".to_vec()).unwrap();
 
-        let outbox = Outbox::open(tree.clone(), "edge-1", 10).unwrap();
+        let outbox = Outbox::open(tree.clone(), "edge-1", identity(), 10).unwrap();
         assert_eq!(outbox.items(), [(1, TelemetryKind::Event)]);
         assert!(outbox.next_seq() > 1_600_000_000_000);
         assert!(tree.get(item_key(50)).unwrap().is_none());
@@ -636,7 +650,7 @@ mod tests {
     fn invalid_agent_id_is_refused() {
         let db = sled::Config::new().temporary(true).open().unwrap();
         assert!(matches!(
-            Outbox::open(tree(&db), "a/b", 10),
+            Outbox::open(tree(&db), "a/b", identity(), 10),
             Err(OutboxError::AgentId(_))
         ));
     }

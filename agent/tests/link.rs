@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 use broker::{start_broker, Broker, Observer};
 use flotilla_agent::config::BrokerConfig;
 use flotilla_agent::host;
+use flotilla_agent::identity::Identity;
 use flotilla_agent::link::{Incoming, Link, LinkConfig, LinkError, LinkHandle, PresenceFn, QoS};
 use flotilla_agent::outbox::Outbox;
 use flotilla_shared::manifest::Backend;
 use flotilla_shared::wire::{
-    topics, Birth, Envelope, Event, EventKind, Health, Heartbeat, HostMetrics, Presence, Telemetry,
+    topics, Birth, Envelope, Event, EventKind, Health, Heartbeat, HostMetrics, Presence,
+    SignedReport, Telemetry,
 };
 use flotilla_shared::Sha256Digest;
 use rumqttc::Publish;
@@ -39,12 +41,19 @@ fn birth(session: u64) -> Vec<u8> {
         capabilities: host::capabilities(vec![Backend::Tract]),
         active: None,
         key_set: 1,
+        identity: identity().public(),
     };
-    Envelope::new(AGENT, session, 0, Presence::Online(birth)).encode()
+    let envelope = Envelope::new(AGENT, session, 0, Presence::Online(birth));
+    identity().seal(&topics::agent_state(AGENT), envelope.encode())
 }
 
 fn will(session: u64) -> Vec<u8> {
-    Envelope::new(AGENT, session, 0, Presence::Offline { session }).encode()
+    let envelope = Envelope::new(AGENT, session, 0, Presence::Offline { session });
+    identity().seal(&topics::agent_state(AGENT), envelope.encode())
+}
+
+fn identity() -> Identity {
+    Identity::new(flotilla_shared::SecretKey::from_seed([1; 32]))
 }
 
 fn link_config(broker: &Broker) -> LinkConfig {
@@ -69,13 +78,16 @@ fn start(config: LinkConfig, db: &sled::Db) -> (LinkHandle, mpsc::Receiver<Incom
 }
 
 fn presence(publish: &Publish) -> Presence {
-    Envelope::<Presence>::decode(&publish.payload)
+    SignedReport::decode(&publish.payload)
+        .and_then(|r| r.envelope::<Presence>())
         .expect("presence envelope")
         .body
 }
 
 fn telemetry(publish: &Publish) -> Envelope<Telemetry> {
-    Envelope::<Telemetry>::decode(&publish.payload).expect("telemetry envelope")
+    let report = SignedReport::decode(&publish.payload).expect("signed telemetry");
+    assert!(report.is_signed_by(&publish.topic, &identity().public()));
+    report.envelope().expect("telemetry envelope")
 }
 
 async fn wait_connections(link: &LinkHandle, count: u64) {
@@ -283,7 +295,7 @@ async fn telemetry_pushed_while_the_broker_is_unreachable_arrives_in_order() {
     let mut watcher = Observer::connect(broker.direct_port(), "watcher", &[&telemetry_topic]).await;
     watcher.announce_control_plane(true, 1).await;
     let (link, _incoming) = start(link_config(&broker), &db);
-    let outbox = Outbox::open(db.open_tree("outbox").unwrap(), AGENT, 100).unwrap();
+    let outbox = Outbox::open(db.open_tree("outbox").unwrap(), AGENT, identity(), 100).unwrap();
     let delivery = outbox.spawn_delivery(link.clone());
     wait_connections(&link, 1).await;
 
@@ -320,7 +332,7 @@ async fn telemetry_waits_while_no_control_plane_listens_and_stale_wills_are_igno
     let telemetry_topic = topics::agent_telemetry(AGENT);
     let mut watcher = Observer::connect(broker.direct_port(), "watcher", &[&telemetry_topic]).await;
     let (link, _incoming) = start(link_config(&broker), &db);
-    let outbox = Outbox::open(db.open_tree("outbox").unwrap(), AGENT, 100).unwrap();
+    let outbox = Outbox::open(db.open_tree("outbox").unwrap(), AGENT, identity(), 100).unwrap();
     let delivery = outbox.spawn_delivery(link.clone());
     wait_connections(&link, 1).await;
 
@@ -362,7 +374,7 @@ async fn unacknowledged_telemetry_is_sent_again_after_a_broker_restart() {
     let control_plane = Observer::connect(broker.direct_port(), "control-plane", &[]).await;
     control_plane.announce_control_plane(true, 1).await;
     let (link, _incoming) = start(link_config(&broker), &db);
-    let outbox = Outbox::open(db.open_tree("outbox").unwrap(), AGENT, 100).unwrap();
+    let outbox = Outbox::open(db.open_tree("outbox").unwrap(), AGENT, identity(), 100).unwrap();
     let delivery = outbox.spawn_delivery(link.clone());
     wait_listening(&link, true).await;
 
@@ -563,10 +575,12 @@ async fn shutdown_publishes_offline_and_disconnects_cleanly() {
 
     // The offline message is told apart from the will by its envelope sequence number.
     let offline = Envelope::new(AGENT, u64::MAX, 0, Presence::Offline { session }).encode();
+    let offline = identity().seal(&state, offline);
     within("shutdown", link.shutdown(offline)).await.unwrap();
     let published = watcher.next().await;
     assert_eq!(
-        Envelope::<Presence>::decode(&published.payload)
+        SignedReport::decode(&published.payload)
+            .and_then(|r| r.envelope::<Presence>())
             .unwrap()
             .seq,
         u64::MAX

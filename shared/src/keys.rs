@@ -146,17 +146,26 @@ impl PublicKey {
     }
 }
 
-/// CBOR: the 32 raw bytes. Decoding refuses invalid and weak points, as
-/// [`PublicKey::from_bytes`] does.
+/// CBOR: the 32 raw bytes; JSON: those bytes in hex. Decoding refuses invalid and weak
+/// points, as [`PublicKey::from_bytes`] does.
 impl Serialize for PublicKey {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_bytes(&self.to_bytes())
+        if serializer.is_human_readable() {
+            serializer.serialize_str(&hex::encode(self.to_bytes()))
+        } else {
+            serializer.serialize_bytes(&self.to_bytes())
+        }
     }
 }
 
 impl<'de> Deserialize<'de> for PublicKey {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let bytes = serde_bytes::ByteBuf::deserialize(deserializer)?;
+        let bytes = if deserializer.is_human_readable() {
+            let text = String::deserialize(deserializer)?;
+            hex::decode(&text).map_err(serde::de::Error::custom)?
+        } else {
+            serde_bytes::ByteBuf::deserialize(deserializer)?.into_vec()
+        };
         let array: [u8; 32] = bytes
             .as_slice()
             .try_into()
@@ -210,6 +219,15 @@ mod tests {
         identity[0] = 1;
         let weak = serde_cbor::to_vec(&serde_bytes::Bytes::new(&identity)).unwrap();
         assert!(serde_cbor::from_slice::<PublicKey>(&weak).is_err());
+    }
+
+    #[test]
+    fn public_keys_read_as_hex_in_json() {
+        let public = SecretKey::from_seed([4; 32]).public();
+        let json = serde_json::to_string(&public).unwrap();
+        assert_eq!(json, format!("\"{}\"", hex::encode(public.to_bytes())));
+        assert_eq!(serde_json::from_str::<PublicKey>(&json).unwrap(), public);
+        assert!(serde_json::from_str::<PublicKey>("\"abcd\"").is_err());
     }
 
     #[test]

@@ -122,6 +122,11 @@ impl Fleet {
         options
     }
 
+    /// The data directory of agent `id` (whether it runs or not).
+    pub fn agent_data_dir(&self, id: &str) -> PathBuf {
+        self.dir.path().join("agents").join(id)
+    }
+
     /// The server's data directory.
     pub fn server_dir(&self) -> PathBuf {
         self.dir.path().join("server")
@@ -171,7 +176,7 @@ impl Fleet {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
-            data_dir: self.dir.path().join("agents").join(id),
+            data_dir: self.agent_data_dir(id),
             ..AgentConfig::default()
         };
         config.broker.url = self.broker_url.clone();
@@ -238,6 +243,13 @@ impl Fleet {
     pub async fn post(&self, path: &str, body: Vec<u8>, token: Option<&str>) -> (u16, Value) {
         self.api
             .call(Method::POST, self.url(path), Some(body), token)
+            .await
+    }
+
+    /// `DELETE /api/v1{path}` with `token`.
+    pub async fn delete(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        self.api
+            .call(Method::DELETE, self.url(path), None, token)
             .await
     }
 

@@ -198,10 +198,26 @@ pub fn run_flotilla(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
     )
 }
 
-/// The presence an agent with `labels` announces when it connects in `session`, for a host of
-/// this machine's architecture that runs tract and serves no model: for tests that speak MQTT
-/// in an agent's name.
-pub fn birth(session: u64, labels: &[(&str, &str)]) -> flotilla_shared::wire::Presence {
+/// The identity key tests give agent `agent` when they speak MQTT in its name.
+pub fn agent_key(agent: &str) -> flotilla_shared::SecretKey {
+    flotilla_shared::SecretKey::from_seed(flotilla_shared::Sha256Digest::of(agent.as_bytes()).0)
+}
+
+/// What `agent` publishes on its `topic`: `body` in an envelope numbered `seq`, signed with
+/// [`agent_key`] as a real agent signs with its own.
+pub fn agent_report<T: serde::Serialize>(agent: &str, topic: &str, seq: u64, body: T) -> Vec<u8> {
+    let envelope = flotilla_shared::wire::Envelope::new(agent, seq, 0, body);
+    flotilla_shared::wire::SignedReport::seal(topic, envelope.encode(), &agent_key(agent))
+}
+
+/// The presence `agent` with `labels` announces when it connects in `session`, for a host of
+/// this machine's architecture that runs tract and serves no model, naming [`agent_key`]: for
+/// tests that speak MQTT in an agent's name.
+pub fn birth(
+    agent: &str,
+    session: u64,
+    labels: &[(&str, &str)],
+) -> flotilla_shared::wire::Presence {
     use flotilla_shared::wire::{Birth, Capabilities, Presence};
     Presence::Online(Birth {
         session,
@@ -219,6 +235,7 @@ pub fn birth(session: u64, labels: &[(&str, &str)]) -> flotilla_shared::wire::Pr
         },
         active: None,
         key_set: 1,
+        identity: agent_key(agent).public(),
     })
 }
 

@@ -15,7 +15,7 @@ use flotilla_agent::config::AgentConfig;
 use flotilla_control_plane::distribution::ChunkServer;
 use flotilla_shared::wire::{
     topics, ChunkRequest, ControlPlaneState, DesiredBundle, DesiredState, Envelope, EventKind,
-    Health, Presence, SignedDesiredState, Telemetry,
+    Health, Presence, SignedDesiredState, SignedReport, Telemetry,
 };
 use flotilla_shared::{Bundle, SecretKey, Sha256Digest};
 use flotilla_tests::{
@@ -25,6 +25,8 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::{broadcast, oneshot};
 
 /// What the peer saw from agents.
+// A test's record of a handful of messages; boxing the birth would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 enum Seen {
     Presence(String, Presence),
@@ -112,13 +114,22 @@ impl Peer {
                     Packet::Publish(p) => {
                         let topic = p.topic.clone();
                         if let Some(agent) = topics::agent_of(&topic) {
+                            let Ok(report) = SignedReport::decode(&p.payload) else {
+                                continue;
+                            };
                             let item = if topic.ends_with("/state") {
-                                let Ok(env) = Envelope::<Presence>::decode(&p.payload) else {
+                                let Ok(env) = report.envelope::<Presence>() else {
                                     continue;
                                 };
+                                if let Presence::Online(birth) = &env.body {
+                                    assert!(
+                                        report.is_signed_by(&topic, &birth.identity),
+                                        "a birth is signed by the key it names"
+                                    );
+                                }
                                 Seen::Presence(agent.to_owned(), env.body)
                             } else {
-                                let Ok(env) = Envelope::<Telemetry>::decode(&p.payload) else {
+                                let Ok(env) = report.envelope::<Telemetry>() else {
                                     continue;
                                 };
                                 Seen::Telemetry(agent.to_owned(), env.seq, env.body)

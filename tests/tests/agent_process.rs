@@ -1,6 +1,6 @@
 //! The `flotilla-agent` binary as a process: standalone serving (with a config file, and its
-//! retry of a failed backend), graceful SIGTERM, and ONNX Runtime loaded only once a model
-//! needs it.
+//! retry of a failed backend), graceful SIGTERM, ONNX Runtime loaded only once a model needs
+//! it, and the identity key it prints.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -285,4 +285,38 @@ async fn onnxruntime_is_loaded_by_the_first_model_not_at_start() {
     let served = cluster.served("edge-1", MODEL).await.expect("serves");
     assert_eq!(served["parameters"]["backend"], "ort", "{served:#}");
     assert!(maps_onnxruntime(pid));
+}
+
+#[test]
+fn the_identity_command_makes_the_key_once_and_prints_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let identity = || {
+        let out = Command::new(binary("flotilla-agent"))
+            .args(["identity", "--data-dir", data.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = identity();
+    assert_eq!(identity(), first, "the key is made once");
+
+    let public = flotilla_control_plane::keyfile::load_public(&data.join("identity.pub")).unwrap();
+    let secret = flotilla_control_plane::keyfile::load_secret(&data.join("identity.key")).unwrap();
+    assert_eq!(secret.public(), public);
+    assert!(
+        first.contains(&format!("key id   {}", public.id().0.to_hex())),
+        "{first}"
+    );
+    assert!(first.contains(&hex::encode(public.to_bytes())), "{first}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(data.join("identity.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 }

@@ -3,9 +3,9 @@
 //! speak only for itself.
 
 use flotilla_agent::config::BrokerConfig;
-use flotilla_shared::wire::{topics, Envelope, Presence, TOPIC_ROOT};
+use flotilla_shared::wire::{topics, Envelope, Presence, SignedReport, TOPIC_ROOT};
 use flotilla_tests::fleet::{Fleet, Mosquitto, VIEWER_TOKEN};
-use flotilla_tests::{birth, pack_signed_with, set_release};
+use flotilla_tests::{agent_report, birth, pack_signed_with, set_release};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use serde_json::Value;
 
@@ -71,16 +71,27 @@ async fn on_mosquitto_with_the_flotilla_acl_a_device_speaks_only_for_itself() {
         .unwrap();
     assert_eq!(seen.recv().await, Some(None), "subscribed");
     let subscribed_ms = flotilla_control_plane::server::unix_ms();
-    let forge =
-        |agent: &str, presence: Presence| Envelope::new(agent, 1_000_000, 0, presence).encode();
+    // Signed with edge-1's own key, as if that had leaked too: only the broker can stop these.
+    let forge = |agent: &str, presence: Presence| {
+        agent_report(agent, &topics::agent_state(agent), 1_000_000, presence)
+    };
+    let edge_1_key = std::fs::read_to_string(fleet.agent_data_dir("edge-1").join("identity.key"))
+        .map(|pem| flotilla_shared::SecretKey::from_pem(&pem).unwrap())
+        .unwrap();
+    let forge_as_edge_1 = |presence: Presence| {
+        let topic = topics::agent_state("edge-1");
+        let envelope = Envelope::new("edge-1", 1_000_000, 0, presence).encode();
+        SignedReport::seal(&topic, envelope, &edge_1_key)
+    };
+    let mut forged_birth = birth("edge-1", 1_000_000, &[("site", "elsewhere")]);
+    if let Presence::Online(birth) = &mut forged_birth {
+        birth.identity = edge_1_key.public();
+    }
     for (topic, payload) in [
+        (topics::agent_state("edge-1"), forge_as_edge_1(forged_birth)),
         (
             topics::agent_state("edge-1"),
-            forge("edge-1", birth(1_000_000, &[("site", "elsewhere")])),
-        ),
-        (
-            topics::agent_state("edge-1"),
-            forge("edge-1", Presence::Offline { session: 2_000_000 }),
+            forge_as_edge_1(Presence::Offline { session: 2_000_000 }),
         ),
         (
             topics::agent_desired("edge-1"),
@@ -89,7 +100,7 @@ async fn on_mosquitto_with_the_flotilla_acl_a_device_speaks_only_for_itself() {
         // Its own presence, which it may write: proof the ones above reached the broker.
         (
             topics::agent_state(STOLEN.0),
-            forge(STOLEN.0, birth(1, &[("site", "b")])),
+            forge(STOLEN.0, birth(STOLEN.0, 1, &[("site", "b")])),
         ),
     ] {
         client
@@ -110,6 +121,12 @@ async fn on_mosquitto_with_the_flotilla_acl_a_device_speaks_only_for_itself() {
         .get("/events?kind=desired_state_rejected", Some(VIEWER_TOKEN))
         .await;
     assert_eq!(rejected["events"], Value::Array(vec![]), "{rejected:#}");
+    // The broker, not the signature check, stopped the forgeries.
+    let (_, summary) = fleet.get("/fleet", Some(VIEWER_TOKEN)).await;
+    assert_eq!(
+        summary["dropped_messages"]["unauthenticated"], 0,
+        "{summary:#}"
+    );
 
     // Both agents sent heartbeats after the subscription took: none reached edge-3.
     for id in ids {

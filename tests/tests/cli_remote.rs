@@ -15,7 +15,7 @@ use flotilla_control_plane::server::config::{
     hash_token, ApiTls, MqttConfig, Role, ServerConfig, TokenConfig, TrustConfig,
 };
 use flotilla_control_plane::server::{self, unix_ms, RunningServer};
-use flotilla_shared::wire::{topics, Envelope, Presence};
+use flotilla_shared::wire::{topics, Presence};
 use flotilla_shared::Bundle;
 use flotilla_tests::procs::KillOnDrop;
 use flotilla_tests::{
@@ -172,7 +172,7 @@ impl Fixture {
 
     /// Registers an online agent as if its birth had arrived over MQTT.
     fn add_agent(&self, id: &str, labels: &[(&str, &str)]) {
-        self.presence(id, flotilla_tests::birth(1, labels));
+        self.presence(id, flotilla_tests::birth(id, 1, labels));
     }
 
     /// Marks an agent added with [`Fixture::add_agent`] offline, as its will would.
@@ -181,13 +181,14 @@ impl Fixture {
     }
 
     fn presence(&self, id: &str, presence: Presence) {
-        let payload = Envelope::new(id, 1, unix_ms(), presence).encode();
+        let topic = topics::agent_state(id);
+        let payload = flotilla_tests::agent_report(id, &topic, 1, presence);
         let server = self.server.as_ref().expect("server running");
-        server.hub().lock().expect("hub lock").on_agent_message(
-            &topics::agent_state(id),
-            &payload,
-            unix_ms(),
-        );
+        server
+            .hub()
+            .lock()
+            .expect("hub lock")
+            .on_agent_message(&topic, &payload, unix_ms());
     }
 }
 

@@ -11,11 +11,16 @@ mod broker;
 
 use flotilla_agent::config::BrokerConfig;
 use flotilla_control_plane::server::config::BrokerTls;
-use flotilla_shared::wire::{topics, Chunk, ChunkPart, ChunkRequest, Envelope, Presence};
+use flotilla_shared::wire::{
+    topics, Chunk, ChunkPart, ChunkRequest, Envelope, Event, EventKind, Presence, SignedReport,
+    Telemetry,
+};
 use flotilla_tests::fleet::{
     one_wave, traffic, Fleet, Mosquitto, ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN,
 };
-use flotilla_tests::{pack_signed, pack_signed_at, pack_signed_with, run_flotilla, set_release};
+use flotilla_tests::{
+    agent_report, birth, pack_signed, pack_signed_at, pack_signed_with, run_flotilla, set_release,
+};
 use rumqttc::{AsyncClient, QoS};
 use serde_json::{json, Value};
 
@@ -628,7 +633,8 @@ async fn malformed_and_foreign_mqtt_messages_are_counted_and_dropped() {
         )
         .await
         .unwrap();
-    let foreign = Envelope::new("edge-y", 1, 0, Presence::Offline { session: 1 }).encode();
+    let offline = Presence::Offline { session: 1 };
+    let foreign = agent_report("edge-y", &topics::agent_state("edge-x"), 1, offline);
     client
         .publish(
             topics::agent_state("edge-x"),
@@ -1315,4 +1321,152 @@ async fn metrics_text(fleet: &Fleet) -> String {
         .text()
         .await
         .unwrap()
+}
+
+/// The identity key an agent of `fleet` made in its data directory.
+fn identity_of(fleet: &Fleet, agent: &str) -> flotilla_shared::SecretKey {
+    let path = fleet.agent_data_dir(agent).join("identity.key");
+    flotilla_control_plane::keyfile::load_secret(&path).expect("the agent made its key")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_embedded_broker_only_an_agent_s_own_key_speaks_for_it() {
+    let mut fleet = Fleet::start().await;
+    fleet.upload(release("2.0.0", 2, &fleet)).await;
+    let agents = ["edge-k0", "edge-k1"];
+    for id in agents {
+        fleet.start_agent(id, &[("site", "k")]);
+    }
+    fleet.wait_online(&agents).await;
+    for id in agents {
+        let (_, agent) = fleet
+            .get(&format!("/agents/{id}"), Some(VIEWER_TOKEN))
+            .await;
+        let registered = hex::encode(identity_of(&fleet, id).public().to_bytes());
+        assert_eq!(agent["identity"], registered, "registered on first birth");
+    }
+    let (rollout, waiting) = roll_out_behind_a_canary(&fleet, "2.0.0", "site=k", agents).await;
+    let canary = agents.into_iter().find(|a| *a != waiting).unwrap();
+    let (_, before) = fleet
+        .get(&format!("/agents/{canary}"), Some(VIEWER_TOKEN))
+        .await;
+    let session = before["session"].as_u64().unwrap();
+
+    // An intruder on the broker says the baking canary stopped serving, which fails the gate.
+    let (client, mut events) = AsyncClient::new(fleet.mqtt_options("intruder"), 16);
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let state = topics::agent_state(canary);
+    let telemetry = topics::agent_telemetry(canary);
+    let stopped = Telemetry::Event(Event {
+        session,
+        rollout: Some(rollout.clone()),
+        digest: None,
+        kind: EventKind::Started { active: None },
+    });
+    let unsigned = Envelope::new(canary, 1_000_001, 0, stopped.clone()).encode();
+    for (topic, payload) in [
+        // Under a key of its own, as a birth naming that key, and unsigned.
+        (
+            &telemetry,
+            agent_report(canary, &telemetry, 1_000_000, stopped.clone()),
+        ),
+        (
+            &state,
+            agent_report(
+                canary,
+                &state,
+                0,
+                birth(canary, session + 1, &[("site", "x")]),
+            ),
+        ),
+        (&telemetry, unsigned),
+    ] {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+    fleet
+        .wait_api("/fleet", |s| {
+            s["dropped_messages"]["unauthenticated"].as_u64() >= Some(3)
+        })
+        .await;
+    let refused = fleet
+        .wait_api(
+            &format!("/events?kind=agent_key_refused&agent={canary}"),
+            |e| e["events"].as_array().is_some_and(|e| !e.is_empty()),
+        )
+        .await;
+    let offered = flotilla_tests::agent_key(canary).public().id().0.to_hex();
+    assert_eq!(
+        refused["events"][0]["detail"]["offered"], offered,
+        "{refused:#}"
+    );
+    let (_, after) = fleet
+        .get(&format!("/agents/{canary}"), Some(VIEWER_TOKEN))
+        .await;
+    assert_eq!(after["session"], session, "{after:#}");
+    assert_eq!(after["labels"]["site"], "k", "{after:#}");
+    assert!(after["last_seq"].as_u64() < Some(1_000_000), "{after:#}");
+    let (_, view) = fleet
+        .get(&format!("/rollouts/{rollout}"), Some(VIEWER_TOKEN))
+        .await;
+    assert_eq!(view["status"]["stage"], "baking", "{view:#}");
+
+    // The same report under the canary's own key is believed: it is what moves the gate.
+    let envelope = Envelope::new(canary, 2_000_000, 0, stopped).encode();
+    let genuine = SignedReport::seal(&telemetry, envelope, &identity_of(&fleet, canary));
+    client
+        .publish(&telemetry, QoS::AtLeastOnce, false, genuine)
+        .await
+        .unwrap();
+    fleet
+        .wait_rollout(&rollout, |r| {
+            r["state"] == "rolling_back" || r["state"] == "rolled_back"
+        })
+        .await;
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_device_is_admitted_with_its_new_key_once_an_admin_forgets_it() {
+    let mut fleet = Fleet::start().await;
+    fleet.start_agent("edge-r", &[("site", "r")]);
+    fleet.wait_online(&["edge-r"]).await;
+    let first = hex::encode(identity_of(&fleet, "edge-r").public().to_bytes());
+    fleet.stop_agent("edge-r").await;
+    fleet
+        .wait_api("/agents/edge-r", |a| a["online"] == false)
+        .await;
+
+    // The device loses its data and comes back with a new key: it is not believed.
+    std::fs::remove_dir_all(fleet.agent_data_dir("edge-r")).unwrap();
+    fleet.start_agent("edge-r", &[("site", "r")]);
+    let refused = fleet
+        .wait_api("/events?kind=agent_key_refused&agent=edge-r", |e| {
+            e["events"].as_array().is_some_and(|e| !e.is_empty())
+        })
+        .await;
+    let second = identity_of(&fleet, "edge-r").public();
+    assert_eq!(
+        refused["events"][0]["detail"]["offered"],
+        second.id().0.to_hex(),
+        "{refused:#}"
+    );
+    let (_, agent) = fleet.get("/agents/edge-r", Some(VIEWER_TOKEN)).await;
+    assert_eq!(agent["online"], false, "{agent:#}");
+    assert_eq!(agent["identity"], first, "{agent:#}");
+
+    // Forgetting the old registration admits the device at once, with its new key.
+    let (status, body) = fleet.delete("/agents/edge-r", Some(OPERATOR_TOKEN)).await;
+    assert_eq!(status, 403, "{body:#}");
+    let (status, body) = fleet.delete("/agents/edge-r", Some(ADMIN_TOKEN)).await;
+    assert_eq!(status, 204, "{body:#}");
+    let second = hex::encode(second.to_bytes());
+    fleet
+        .wait_api("/agents/edge-r", |a| {
+            a["online"] == true && a["identity"] == second
+        })
+        .await;
+    fleet.shutdown().await;
 }

@@ -591,7 +591,7 @@ impl FakeDevice {
 
     /// Comes online with no model, trusting `key_set`: a newcomer the server gives a release.
     async fn publish_birth(&self, key_set: u64) {
-        use flotilla_shared::wire::{topics, Birth, Envelope, Presence};
+        use flotilla_shared::wire::{topics, Birth, Presence};
         let birth = Birth {
             session: 1,
             labels: [("site".to_owned(), "a".to_owned())].into(),
@@ -600,31 +600,26 @@ impl FakeDevice {
             ]),
             active: None,
             key_set,
+            identity: flotilla_tests::agent_key(self.id).public(),
         };
-        let message = Envelope::new(self.id, 0, 0, Presence::Online(birth)).encode();
-        self.send(topics::agent_state(self.id), message).await;
+        let topic = topics::agent_state(self.id);
+        let message = flotilla_tests::agent_report(self.id, &topic, 0, Presence::Online(birth));
+        self.send(topic, message).await;
     }
 
     /// Goes offline and is forgotten, so later rollouts do not wait for it.
     async fn leave(&self, fleet: &Fleet) {
-        use flotilla_shared::wire::{topics, Envelope, Presence};
-        let message = Envelope::new(self.id, 0, 0, Presence::Offline { session: 1 }).encode();
-        self.send(topics::agent_state(self.id), message).await;
+        use flotilla_shared::wire::{topics, Presence};
+        let topic = topics::agent_state(self.id);
+        let offline = Presence::Offline { session: 1 };
+        let message = flotilla_tests::agent_report(self.id, &topic, 0, offline);
+        self.send(topic, message).await;
         fleet
             .wait_api(&format!("/agents/{}", self.id), |a| a["online"] == false)
             .await;
-        let url = format!(
-            "http://{}/api/v1/agents/{}",
-            fleet.server().api_addr,
-            self.id
-        );
-        let answer = reqwest::Client::new()
-            .delete(url)
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .expect("server answers");
-        assert_eq!(answer.status(), 204, "{:?}", answer.text().await);
+        let path = format!("/agents/{}", self.id);
+        let (status, body) = fleet.delete(&path, Some(ADMIN_TOKEN)).await;
+        assert_eq!(status, 204, "{body:#}");
     }
 
     /// The keys that signed the next desired state sent to it: the main one, and the others.

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use flotilla_shared::wire::{ControlPlaneState, Envelope, Presence, TOPIC_ROOT};
+use flotilla_shared::wire::{ControlPlaneState, Envelope, Presence, SignedReport, TOPIC_ROOT};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rumqttc::{
@@ -358,9 +358,11 @@ impl Task {
     /// Watches the agent's own retained state. A will that shows up after this connection's
     /// birth was seen (a late will of an earlier session, or a broker that fired a will on
     /// session takeover) would leave the agent looking offline while it is connected, so the
-    /// birth is published again.
+    /// birth is published again. The signature is not checked: a forged will here can only
+    /// make the agent publish its own birth once more.
     fn on_own_presence(&mut self, conn: &mut Connection, payload: &Bytes) {
-        let Ok(envelope) = Envelope::<Presence>::decode(payload) else {
+        let envelope = SignedReport::decode(payload).and_then(|r| r.envelope::<Presence>());
+        let Ok(envelope) = envelope else {
             debug!(
                 session = conn.session,
                 "undecodable message on own state topic ignored"

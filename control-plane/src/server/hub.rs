@@ -13,8 +13,8 @@ use anyhow::{Context, Result};
 use flotilla_shared::keyset::Accepted;
 use flotilla_shared::verify::{VerifiedBundle, Verifier};
 use flotilla_shared::wire::{
-    topics, DesiredBundle, DesiredState, Envelope, Event, EventKind, Heartbeat, Presence,
-    SignedDesiredState, Telemetry,
+    topics, Birth, DesiredBundle, DesiredState, Envelope, Event, EventKind, Heartbeat, Presence,
+    SignedDesiredState, SignedReport, Telemetry, WireError,
 };
 use flotilla_shared::{
     KeyId, KeySetError, PublicKey, SecretKey, Sha256Digest, SignedKeySet, TrustedKeys,
@@ -66,6 +66,9 @@ pub struct Dropped {
     pub malformed: u64,
     /// Sent on one agent's topic in the name of another.
     pub foreign: u64,
+    /// Not signed by the key registered for the agent (unsigned, forged, or from a device
+    /// that came back with a new key), or telemetry from an agent that never registered.
+    pub unauthenticated: u64,
     /// Telemetry redelivered (sequence number already seen).
     pub duplicate: u64,
 }
@@ -108,6 +111,9 @@ pub struct Hub {
     out: mpsc::UnboundedSender<Outgoing>,
     seq: u64,
     dropped: Dropped,
+    /// Per registered agent, the latest valid birth refused because it named another key
+    /// (a device whose data was wiped): forgetting the agent admits it at once.
+    refused_births: BTreeMap<String, Birth>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -212,6 +218,7 @@ impl Hub {
             // them growing across restarts without storing a counter.
             seq: now_ms,
             dropped: Dropped::default(),
+            refused_births: BTreeMap::new(),
         })
     }
 
@@ -227,8 +234,11 @@ impl Hub {
 
     // ---- MQTT input ------------------------------------------------------------------
 
-    /// Handles a message on an agent topic. Malformed messages and messages in another
-    /// agent's name are counted and dropped.
+    /// Handles a message on an agent topic. Malformed messages, messages in another agent's
+    /// name and messages not signed by the agent's registered key are counted and dropped.
+    ///
+    /// An agent registers its key with its first birth (trust on first use); from then on
+    /// only that key speaks for it, until an admin forgets the agent.
     pub fn on_agent_message(&mut self, topic: &str, payload: &[u8], now_ms: u64) {
         let Some(agent) = topics::agent_of(topic) else {
             self.dropped.malformed += 1;
@@ -239,20 +249,28 @@ impl Hub {
             return;
         }
         let agent = agent.to_owned();
-        let result = if topic == topics::agent_state(&agent) {
-            match Envelope::<Presence>::decode(payload) {
-                Ok(env) if env.from != agent => Err(Drop::Foreign),
-                Ok(env) => Ok(self.on_presence(&agent, env.body, now_ms)),
-                Err(e) => Err(Drop::Malformed(e.to_string())),
+        let result = match SignedReport::decode(payload) {
+            Err(WireError::Unsigned) => Err(Drop::Unauthenticated("unsigned".into())),
+            Err(e) => Err(Drop::Malformed(e.to_string())),
+            Ok(report) if topic == topics::agent_state(&agent) => {
+                match report.envelope::<Presence>() {
+                    Ok(env) if env.from != agent => Err(Drop::Foreign),
+                    Ok(env) => self
+                        .authenticate(&agent, topic, &report, Some(&env.body), now_ms)
+                        .map(|()| self.on_presence(&agent, env.body, now_ms)),
+                    Err(e) => Err(Drop::Malformed(e.to_string())),
+                }
             }
-        } else if topic == topics::agent_telemetry(&agent) {
-            match Envelope::<Telemetry>::decode(payload) {
-                Ok(env) if env.from != agent => Err(Drop::Foreign),
-                Ok(env) => Ok(self.on_telemetry(&agent, env.seq, env.body, now_ms)),
-                Err(e) => Err(Drop::Malformed(e.to_string())),
+            Ok(report) if topic == topics::agent_telemetry(&agent) => {
+                match report.envelope::<Telemetry>() {
+                    Ok(env) if env.from != agent => Err(Drop::Foreign),
+                    Ok(env) => self
+                        .authenticate(&agent, topic, &report, None, now_ms)
+                        .map(|()| self.on_telemetry(&agent, env.seq, env.body, now_ms)),
+                    Err(e) => Err(Drop::Malformed(e.to_string())),
+                }
             }
-        } else {
-            Err(Drop::Malformed(format!("unexpected topic {topic}")))
+            Ok(_) => Err(Drop::Malformed(format!("unexpected topic {topic}"))),
         };
         match result {
             Ok(Ok(())) => {}
@@ -271,6 +289,84 @@ impl Hub {
                 self.dropped.malformed += 1;
                 tracing::warn!(agent, topic, why, "dropped a malformed message");
             }
+            Err(Drop::Unauthenticated(why)) => {
+                self.dropped.unauthenticated += 1;
+                tracing::warn!(
+                    agent,
+                    topic,
+                    why,
+                    "dropped a message the agent did not sign"
+                );
+            }
+        }
+    }
+
+    /// Checks that `report` is signed by the key registered for `agent`. A birth (`presence`)
+    /// of an agent with no key yet registers the key it names, if that key signed it. A valid
+    /// birth naming another key than the registered one is kept aside (see
+    /// [`Hub::forget_agent`]) and logged as `agent_key_refused`, once per key.
+    fn authenticate(
+        &mut self,
+        agent: &str,
+        topic: &str,
+        report: &SignedReport,
+        presence: Option<&Presence>,
+        now_ms: u64,
+    ) -> Result<(), Drop> {
+        let registered = self.agents.get(agent).and_then(|a| a.identity);
+        let birth = match presence {
+            Some(Presence::Online(birth)) => Some(birth),
+            _ => None,
+        };
+        let key = match (registered, birth) {
+            (Some(registered), Some(birth)) if birth.identity != registered => {
+                if !report.is_signed_by(topic, &birth.identity) {
+                    return Err(Drop::Unauthenticated("bad signature".into()));
+                }
+                self.refuse_key(agent, registered, birth, now_ms);
+                return Err(Drop::Unauthenticated(format!(
+                    "birth names key {}, not the registered {}",
+                    birth.identity.id(),
+                    registered.id()
+                )));
+            }
+            (Some(registered), _) => registered,
+            (None, Some(birth)) => birth.identity,
+            (None, None) => return Err(Drop::Unauthenticated("no key registered".into())),
+        };
+        if !report.is_signed_by(topic, &key) {
+            return Err(Drop::Unauthenticated("bad signature".into()));
+        }
+        Ok(())
+    }
+
+    fn refuse_key(&mut self, agent: &str, registered: PublicKey, birth: &Birth, now_ms: u64) {
+        let offered = birth.identity;
+        let known = self
+            .refused_births
+            .insert(agent.to_owned(), birth.clone())
+            .is_some_and(|earlier| earlier.identity == offered);
+        if known {
+            return;
+        }
+        let logged = self.log(
+            Some(agent),
+            None,
+            "agent_key_refused",
+            format!(
+                "{agent} connected with key {}, not its registered key {}: its reports are \
+                 refused. If the device was reset, forget the agent to register the new key",
+                offered.id(),
+                registered.id()
+            ),
+            serde_json::json!({
+                "offered": offered.id().0,
+                "registered": registered.id().0,
+            }),
+            now_ms,
+        );
+        if let Err(e) = logged {
+            tracing::error!(agent, error = %format!("{e:#}"), "cannot record a refused key");
         }
     }
 
@@ -990,6 +1086,10 @@ impl Hub {
             serde_json::Value::Null,
             now_ms,
         )?;
+        // A device that came back with a new key registers it now, as a new agent.
+        if let Some(birth) = self.refused_births.remove(id) {
+            self.on_presence(id, Presence::Online(birth), now_ms)?;
+        }
         Ok(())
     }
 
@@ -1247,6 +1347,7 @@ impl Hub {
 enum Drop {
     Foreign,
     Malformed(String),
+    Unauthenticated(String),
 }
 
 /// The configured publisher keys, moved on by the key sets the store kept. A kept set that no

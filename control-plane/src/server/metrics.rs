@@ -16,7 +16,7 @@
 //! | `flotilla_chunk_requests_total` | counter | | chunk requests answered |
 //! | `flotilla_held_bundles` | gauge | | bundles held in memory for downloads |
 //! | `flotilla_held_bundle_bytes` | gauge | | their bytes |
-//! | `flotilla_mqtt_dropped_messages_total` | counter | reason | agent messages dropped (`malformed`, `foreign`, `duplicate`) |
+//! | `flotilla_mqtt_dropped_messages_total` | counter | reason | agent messages dropped (`malformed`, `foreign`, `unauthenticated`, `duplicate`) |
 //! | `flotilla_mqtt_connected` | gauge | | 1 while the server's MQTT client is connected |
 //!
 //! Route labels are axum route templates (`/api/v1/agents/{id}`), never raw paths, so the
@@ -342,6 +342,7 @@ impl ServerMetrics {
                 dropped.malformed + mqtt.malformed_requests.load(Ordering::Relaxed),
             ),
             ("foreign", dropped.foreign),
+            ("unauthenticated", dropped.unauthenticated),
             ("duplicate", dropped.duplicate),
         ] {
             let counter = self.dropped.get_or_create(&Reason { reason });

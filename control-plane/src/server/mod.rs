@@ -333,16 +333,15 @@ pub fn new_key(data_dir: &Path) -> Result<keyfile::KeyPair> {
 /// The server's signing key: `DATA_DIR/control-plane.key`, made (0600, with the `.pub`
 /// beside it) on first start.
 fn server_key(data_dir: &Path) -> Result<SecretKey> {
-    let path = key_path(data_dir);
-    if !path.exists() {
-        let pair = keyfile::generate(KEY_NAME, data_dir)?;
+    let (key, made) = keyfile::load_or_generate(KEY_NAME, data_dir)?;
+    if let Some(pair) = made {
         tracing::info!(
             public = %pair.public.display(),
             key_id = pair.id,
             "generated the control plane key; configure agents with the public key"
         );
     }
-    keyfile::load_secret(&path)
+    Ok(key)
 }
 
 /// The configured tokens, or, when there are none, an admin token kept in

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use flotilla_shared::wire::{
     ActiveModel, Birth, Capabilities, DesiredBundle, Health, Heartbeat, HostMetrics, VersionMetrics,
 };
+use flotilla_shared::PublicKey;
 use serde::{Deserialize, Serialize};
 
 /// Everything the server keeps about one agent.
@@ -57,6 +58,11 @@ pub struct AgentRecord {
     /// Version of the publisher key set it trusts, as last reported (0: not reported yet).
     #[serde(default)]
     pub key_set: u64,
+    /// The key its reports must be signed with: the one its first birth named (hex in JSON;
+    /// null only for a record from before agents signed their reports).
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub identity: Option<PublicKey>,
 }
 
 /// What a presence message did.
@@ -106,11 +112,14 @@ impl AgentRecord {
             telemetry_missing: 0,
             telemetry_dropped_by_agent: 0,
             key_set: 0,
+            identity: None,
         }
     }
 
-    /// Applies a birth.
+    /// Applies a birth whose signature the caller checked against the key it names, and
+    /// which is the key registered for this agent if one is: that key is registered now.
     pub fn on_birth(&mut self, birth: &Birth, now_ms: u64) -> PresenceChange {
+        self.identity = Some(birth.identity);
         if birth.session < self.session {
             return PresenceChange::Stale;
         }
@@ -245,6 +254,7 @@ mod tests {
             },
             active: None,
             key_set: 1,
+            identity: flotilla_shared::SecretKey::from_seed([1; 32]).public(),
         }
     }
 

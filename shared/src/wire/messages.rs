@@ -54,6 +54,8 @@ pub struct Birth {
     /// sets), so the control plane signs its desired states with the key that set names.
     #[serde(default)]
     pub key_set: u64,
+    /// The agent's own public key, which signs all it reports ([`super::SignedReport`]).
+    pub identity: PublicKey,
 }
 
 /// Host and agent capabilities.
