@@ -26,6 +26,7 @@ use tempfile::TempDir;
 
 const OPERATOR_TOKEN: &str = "operator-token-for-cli-tests";
 const VIEWER_TOKEN: &str = "viewer-token-for-cli-tests";
+const ADMIN_TOKEN: &str = "admin-token-for-cli-tests";
 const MODEL: &str = "tiny-mlp-raw";
 
 /// The `flotilla` binary, built once per test run.
@@ -107,6 +108,7 @@ impl Fixture {
             tokens: vec![
                 token("ops", Role::Operator, OPERATOR_TOKEN),
                 token("viewer", Role::Viewer, VIEWER_TOKEN),
+                token("admin", Role::Admin, ADMIN_TOKEN),
             ],
             ..ServerConfig::default()
         };
@@ -836,6 +838,39 @@ fn agents_are_listed_a_page_at_a_time_and_filtered_by_presence() {
         let error = body["error"].as_str().unwrap_or_default();
         assert!(error.contains(why), "{bad}: {body}");
     }
+}
+
+#[test]
+fn an_offline_agent_is_forgotten_from_the_cli_by_an_admin() {
+    let fx = Fixture::start();
+    fx.add_agent("edge-1", &[("site", "berlin")]);
+    fx.add_agent("edge-2", &[("site", "berlin")]);
+    fx.agent_left("edge-2");
+
+    fx.cli(Some(ADMIN_TOKEN), &["agents", "forget", "edge-1"])
+        .fails_with("agent edge-1 is online; stop it first (HTTP 409)");
+    fx.operator(&["agents", "forget", "edge-2"])
+        .fails_with("HTTP 403");
+    fx.cli(Some(ADMIN_TOKEN), &["agents", "forget", "edge/2"])
+        .fails_with("must be 1-64 characters");
+    let forgot = fx
+        .cli(Some(ADMIN_TOKEN), &["agents", "forget", "edge-2"])
+        .ok();
+    assert_eq!(forgot.stdout, "forgot edge-2\n");
+    fx.cli(Some(ADMIN_TOKEN), &["agents", "forget", "edge-2"])
+        .fails_with("HTTP 404");
+
+    let left = fx
+        .cli(Some(VIEWER_TOKEN), &["agents", "--json"])
+        .ok()
+        .json();
+    let ids: Vec<&str> = left
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|a| a["id"].as_str().expect("an id"))
+        .collect();
+    assert_eq!(ids, ["edge-1"]);
 }
 
 #[test]

@@ -46,8 +46,12 @@ pub enum Command {
     /// them to a control plane, which sends them to every agent.
     #[command(subcommand)]
     Keyset(KeysetCommand),
-    /// List a control plane's agents: presence, version, health, heartbeat, labels.
+    /// List a control plane's agents: presence, version, health, heartbeat, labels; or
+    /// forget one.
     Agents {
+        /// `forget ID` to forget an agent; nothing to list them.
+        #[command(subcommand)]
+        command: Option<AgentsCommand>,
         /// Only agents this label selector matches, e.g. `site=berlin,hw in (cpu,gpu)`.
         #[arg(long, value_name = "EXPR")]
         selector: Option<String>,
@@ -92,6 +96,21 @@ pub enum Command {
         /// Flags for running the server.
         #[command(flatten)]
         args: ServeArgs,
+    },
+}
+
+/// `flotilla agents ...`.
+#[derive(Debug, Subcommand)]
+pub enum AgentsCommand {
+    /// Forget an offline agent in no active rollout (admin), and the key registered for it.
+    /// A device refused for coming back with a new key (`agent_key_refused`) is registered
+    /// with that key at once.
+    Forget {
+        /// The agent's id.
+        id: String,
+        /// Server and token.
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
 }
 
@@ -400,6 +419,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Rollout(command) => run_rollout(command),
         Command::Keyset(command) => run_keyset(command),
         Command::Agents {
+            command: Some(AgentsCommand::Forget { id, remote }),
+            ..
+        } => remote::fleet::forget(&id, &remote),
+        Command::Agents {
+            command: None,
             selector,
             online,
             offline,

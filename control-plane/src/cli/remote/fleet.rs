@@ -1,4 +1,4 @@
-//! `flotilla agents` and `flotilla events`: the fleet and the event log.
+//! `flotilla agents` (and `agents forget`) and `flotilla events`: the fleet and the event log.
 
 use std::collections::BTreeMap;
 use std::io::BufRead as _;
@@ -110,6 +110,13 @@ pub(in crate::cli) fn agents(
         ]);
     }
     emit(&out.render(""))
+}
+
+/// Forgets an agent (`flotilla agents forget`).
+pub(in crate::cli) fn forget(id: &str, remote: &RemoteArgs) -> Result<()> {
+    flotilla_shared::wire::check_agent_id(id).map_err(anyhow::Error::msg)?;
+    Client::new(remote)?.delete(&["api", "v1", "agents", id])?;
+    emit(&format!("forgot {id}\n"))
 }
 
 fn health_label(health: Option<&Health>) -> String {

@@ -151,6 +151,13 @@ impl Client {
         self.send(request, &url)
     }
 
+    /// `DELETE` under the base URL; the answer has no body.
+    pub(crate) fn delete(&self, segments: &[&str]) -> Result<()> {
+        let url = self.url(segments, &[]);
+        self.respond(self.http.delete(url.clone()), &url)?;
+        Ok(())
+    }
+
     /// `POST` a raw octet stream under the base URL, with no overall time limit.
     pub(crate) fn post_bytes(
         &self,
