@@ -185,8 +185,11 @@ async fn birth_is_retained_and_a_cut_fires_the_will_of_that_session_before_the_n
     wait_connections(&link, 1).await;
     let session = link.session();
 
-    // Subscribing after the birth was published: only retention can deliver it.
+    // Subscribing after the birth reached the broker (connecting does not wait for that):
+    // only retention can deliver it.
     let state = topics::agent_state(AGENT);
+    let mut early = Observer::connect(broker.direct_port(), "early", &[&state]).await;
+    presence_until(&mut early, is_online(session)).await;
     let mut watcher = Observer::connect(broker.direct_port(), "watcher", &[&state]).await;
     let retained = watcher.next().await;
     assert!(retained.retain, "birth must be retained");
