@@ -4,7 +4,7 @@
 //!
 //! The key is `DATA_DIR/identity.key` (0600, with `identity.pub` beside it), made on first
 //! start and never replaced: a device whose data directory is wiped comes back with a new
-//! key, which the control plane refuses until an admin forgets the old registration.
+//! key, which the control plane refuses until an admin accepts it (`flotilla agents accept`).
 
 use std::path::Path;
 use std::sync::Arc;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use flotilla_control_plane::server::config::{
     hash_token, ApiTls, MqttConfig, Role, ServerConfig, TokenConfig, TrustConfig,
 };
+use flotilla_control_plane::server::hub::Admission;
 use flotilla_control_plane::server::{self, unix_ms, RunningServer};
 use flotilla_shared::wire::{topics, Presence};
 use flotilla_shared::Bundle;
@@ -871,6 +872,57 @@ fn an_offline_agent_is_forgotten_from_the_cli_by_an_admin() {
         .map(|a| a["id"].as_str().expect("an id"))
         .collect();
     assert_eq!(ids, ["edge-1"]);
+}
+
+#[test]
+fn agents_waiting_for_acceptance_are_listed_and_accepted_from_the_cli() {
+    let fx = Fixture::start_with(|c| c.admission = Admission::Accept);
+    let empty = fx.cli(Some(VIEWER_TOKEN), &["agents", "pending"]).ok();
+    assert_eq!(empty.stdout, "no agents wait for acceptance\n");
+    fx.add_agent("edge-1", &[("site", "berlin")]);
+    let key = flotilla_tests::agent_key("edge-1").public().id().0.to_hex();
+
+    let listed = fx.cli(Some(VIEWER_TOKEN), &["agents", "pending"]).ok();
+    let lines: Vec<&str> = listed.stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("AGENT ") && lines[0].contains("REGISTERED KEY"),
+        "{listed:#?}"
+    );
+    assert!(
+        lines[1].starts_with("edge-1 ")
+            && lines[1].contains(&key[..12])
+            && lines[1].contains("none (new)")
+            && lines[1].ends_with("site=berlin"),
+        "{listed:#?}"
+    );
+    let json = fx
+        .cli(Some(VIEWER_TOKEN), &["agents", "pending", "--json"])
+        .ok()
+        .json();
+    assert_eq!(json[0]["key_id"], key.as_str());
+
+    let admin = |args: &[&str]| fx.cli(Some(ADMIN_TOKEN), args);
+    admin(&["agents", "accept", "edge-1", "--key", "12ab"]).fails_with("12 to 64 hex digits");
+    admin(&["agents", "accept", "edge-1", "--key", "0123456789ab"]).fails_with(&format!(
+        "edge-1 offers key {}, not 0123456789ab",
+        &key[..12]
+    ));
+    admin(&["agents", "accept", "edge-9", "--key", &key[..12]])
+        .fails_with("no agent \"edge-9\" waits for acceptance");
+    fx.operator(&["agents", "accept", "edge-1", "--key", &key[..12]])
+        .fails_with("HTTP 403");
+    let accepted = admin(&["agents", "accept", "edge-1", "--key", &key[..12]]).ok();
+    assert_eq!(
+        accepted.stdout,
+        format!("accepted edge-1 with key {}\n", &key[..12])
+    );
+
+    let agents = fx
+        .cli(Some(VIEWER_TOKEN), &["agents", "--json"])
+        .ok()
+        .json();
+    assert_eq!(agents[0]["id"], "edge-1");
+    assert_eq!(agents[0]["online"], true);
 }
 
 #[test]

@@ -11,6 +11,7 @@ mod broker;
 
 use flotilla_agent::config::BrokerConfig;
 use flotilla_control_plane::server::config::BrokerTls;
+use flotilla_control_plane::server::hub::Admission;
 use flotilla_shared::wire::{
     topics, Chunk, ChunkPart, ChunkRequest, Envelope, Event, EventKind, Presence, SignedReport,
     Telemetry,
@@ -1428,12 +1429,19 @@ async fn on_the_embedded_broker_only_an_agent_s_own_key_speaks_for_it() {
     fleet.shutdown().await;
 }
 
+/// Accepts the key `key_id` that `agent` offers, as the holder of `token`.
+async fn accept(fleet: &Fleet, agent: &str, key_id: &str, token: &str) -> (u16, Value) {
+    let body = serde_json::to_vec(&json!({ "key_id": key_id })).unwrap();
+    let path = format!("/pending-agents/{agent}/accept");
+    fleet.post(&path, body, Some(token)).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reset_device_is_admitted_with_its_new_key_once_an_admin_forgets_it() {
+async fn a_reset_device_is_heard_again_once_an_admin_accepts_its_new_key() {
     let mut fleet = Fleet::start().await;
     fleet.start_agent("edge-r", &[("site", "r")]);
     fleet.wait_online(&["edge-r"]).await;
-    let first = hex::encode(identity_of(&fleet, "edge-r").public().to_bytes());
+    let first = identity_of(&fleet, "edge-r").public();
     fleet.stop_agent("edge-r").await;
     fleet
         .wait_api("/agents/edge-r", |a| a["online"] == false)
@@ -1448,25 +1456,110 @@ async fn a_reset_device_is_admitted_with_its_new_key_once_an_admin_forgets_it() 
         })
         .await;
     let second = identity_of(&fleet, "edge-r").public();
+    let second_id = second.id().0.to_hex();
     assert_eq!(
-        refused["events"][0]["detail"]["offered"],
-        second.id().0.to_hex(),
+        refused["events"][0]["detail"]["offered"], second_id,
         "{refused:#}"
     );
     let (_, agent) = fleet.get("/agents/edge-r", Some(VIEWER_TOKEN)).await;
     assert_eq!(agent["online"], false, "{agent:#}");
-    assert_eq!(agent["identity"], first, "{agent:#}");
+    assert_eq!(
+        agent["identity"],
+        hex::encode(first.to_bytes()),
+        "{agent:#}"
+    );
+    let (_, pending) = fleet.get("/pending-agents", Some(VIEWER_TOKEN)).await;
+    assert_eq!(pending[0]["id"], "edge-r", "{pending:#}");
+    assert_eq!(pending[0]["key_id"], second_id, "{pending:#}");
+    assert_eq!(
+        pending[0]["registered_key_id"],
+        first.id().0.to_hex(),
+        "{pending:#}"
+    );
 
-    // Forgetting the old registration admits the device at once, with its new key.
-    let (status, body) = fleet.delete("/agents/edge-r", Some(OPERATOR_TOKEN)).await;
+    // Accepting it takes an admin and the key it offers; the device then joins anew.
+    let (status, body) = accept(&fleet, "edge-r", &second_id, OPERATOR_TOKEN).await;
     assert_eq!(status, 403, "{body:#}");
-    let (status, body) = fleet.delete("/agents/edge-r", Some(ADMIN_TOKEN)).await;
-    assert_eq!(status, 204, "{body:#}");
-    let second = hex::encode(second.to_bytes());
-    fleet
-        .wait_api("/agents/edge-r", |a| {
-            a["online"] == true && a["identity"] == second
+    let (status, body) = accept(&fleet, "edge-r", &first.id().0.to_hex(), ADMIN_TOKEN).await;
+    assert_eq!(
+        status, 409,
+        "the key offered is not the one named: {body:#}"
+    );
+    let (status, body) = accept(&fleet, "edge-r", "12ab", ADMIN_TOKEN).await;
+    assert_eq!(status, 400, "{body:#}");
+    let (status, body) = accept(&fleet, "edge-r", &second_id, ADMIN_TOKEN).await;
+    assert_eq!(status, 200, "{body:#}");
+    assert_eq!(body["identity"], hex::encode(second.to_bytes()), "{body:#}");
+    fleet.wait_online(&["edge-r"]).await;
+    let (_, pending) = fleet.get("/pending-agents", Some(VIEWER_TOKEN)).await;
+    assert_eq!(pending, json!([]));
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_admission_by_acceptance_a_new_agent_waits_for_an_admin() {
+    let mut fleet = Fleet::start_with(|c| c.admission = Admission::Accept).await;
+    fleet.start_agent("edge-n", &[("site", "n")]);
+    let key_id = |fleet: &Fleet| identity_of(fleet, "edge-n").public().id().0.to_hex();
+    let pending = fleet
+        .wait_api("/pending-agents", |p| p[0]["id"] == "edge-n")
+        .await;
+    assert_eq!(pending[0]["key_id"], key_id(&fleet), "{pending:#}");
+    assert_eq!(pending[0]["registered_key_id"], Value::Null, "{pending:#}");
+    assert_eq!(pending[0]["labels"]["site"], "n", "{pending:#}");
+    let summary = fleet
+        .wait_api("/fleet", |s| {
+            // Its heartbeats are not heard either.
+            s["dropped_messages"]["unauthenticated"].as_u64() >= Some(3)
         })
+        .await;
+    assert_eq!(summary["agents"], 0, "{summary:#}");
+    assert_eq!(summary["pending_agents"], 1, "{summary:#}");
+    let (status, _) = fleet.get("/agents/edge-n", Some(VIEWER_TOKEN)).await;
+    assert_eq!(status, 404);
+    let (_, logged) = fleet
+        .get(
+            "/events?kind=agent_pending&agent=edge-n",
+            Some(VIEWER_TOKEN),
+        )
+        .await;
+    assert_eq!(
+        logged["events"].as_array().map(Vec::len),
+        Some(1),
+        "{logged:#}"
+    );
+
+    // An impostor's birth for the same id takes its place: accepting what the admin saw
+    // (the device's key) now fails instead of admitting the impostor.
+    let (client, mut events) = AsyncClient::new(fleet.mqtt_options("impostor"), 16);
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let state = topics::agent_state("edge-n");
+    let forged = agent_report("edge-n", &state, 0, birth("edge-n", 99, &[("site", "n")]));
+    client
+        .publish(&state, QoS::AtLeastOnce, false, forged)
+        .await
+        .unwrap();
+    let impostor = flotilla_tests::agent_key("edge-n").public().id().0.to_hex();
+    fleet
+        .wait_api("/pending-agents", |p| p[0]["key_id"] == impostor)
+        .await;
+    let (status, body) = accept(&fleet, "edge-n", &key_id(&fleet), ADMIN_TOKEN).await;
+    assert_eq!(status, 409, "{body:#}");
+
+    // The device connects again; its own key is accepted and it joins.
+    fleet.stop_agent("edge-n").await;
+    fleet.start_agent("edge-n", &[("site", "n")]);
+    let device = key_id(&fleet);
+    fleet
+        .wait_api("/pending-agents", |p| p[0]["key_id"] == device)
+        .await;
+    let (status, body) = accept(&fleet, "edge-n", &device, ADMIN_TOKEN).await;
+    assert_eq!(status, 200, "{body:#}");
+    fleet.wait_online(&["edge-n"]).await;
+    let (status, body) = accept(&fleet, "edge-n", &key_id(&fleet), ADMIN_TOKEN).await;
+    assert_eq!(status, 404, "accepted once: {body:#}");
+    fleet
+        .wait_api("/agents/edge-n", |a| a["last_heartbeat_ms"].is_u64())
         .await;
     fleet.shutdown().await;
 }

@@ -46,10 +46,10 @@ pub enum Command {
     /// them to a control plane, which sends them to every agent.
     #[command(subcommand)]
     Keyset(KeysetCommand),
-    /// List a control plane's agents: presence, version, health, heartbeat, labels; or
-    /// forget one.
+    /// List a control plane's agents: presence, version, health, heartbeat, labels; list and
+    /// accept those waiting to join; forget one.
     Agents {
-        /// `forget ID` to forget an agent; nothing to list them.
+        /// `pending`, `accept ID --key KEY_ID` or `forget ID`; nothing to list the agents.
         #[command(subcommand)]
         command: Option<AgentsCommand>,
         /// Only agents this label selector matches, e.g. `site=berlin,hw in (cpu,gpu)`.
@@ -102,9 +102,31 @@ pub enum Command {
 /// `flotilla agents ...`.
 #[derive(Debug, Subcommand)]
 pub enum AgentsCommand {
-    /// Forget an offline agent in no active rollout (admin), and the key registered for it.
-    /// A device refused for coming back with a new key (`agent_key_refused`) is registered
-    /// with that key at once.
+    /// List agents waiting to be accepted: new ones (with `admission = "accept"`) and known
+    /// ones that came back with another key.
+    Pending {
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Server and token.
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Accept the key a pending agent offers (admin). Compare the key with what
+    /// `flotilla-agent identity` prints on the device first.
+    Accept {
+        /// The agent's id.
+        id: String,
+        /// The key id it must still offer: as `agents pending` shows it (12 or more leading
+        /// hex digits).
+        #[arg(long = "key", value_name = "KEY_ID")]
+        key: String,
+        /// Server and token.
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Forget an offline agent in no active rollout (admin), with the key registered for it
+    /// and any birth of it waiting for acceptance.
     Forget {
         /// The agent's id.
         id: String,
@@ -422,6 +444,14 @@ pub fn run(cli: Cli) -> Result<()> {
             command: Some(AgentsCommand::Forget { id, remote }),
             ..
         } => remote::fleet::forget(&id, &remote),
+        Command::Agents {
+            command: Some(AgentsCommand::Pending { json, remote }),
+            ..
+        } => remote::fleet::pending(&remote, json),
+        Command::Agents {
+            command: Some(AgentsCommand::Accept { id, key, remote }),
+            ..
+        } => remote::fleet::accept(&id, &key, &remote),
         Command::Agents {
             command: None,
             selector,

@@ -64,6 +64,11 @@ pub struct ServerConfig {
     /// false leaves such agents without a model until a rollout names them.
     #[serde(default = "default_true")]
     pub assign_new_agents: bool,
+    /// Who may register a new agent: `open` (default: its first birth registers the key it
+    /// names) or `accept` (it waits, listed in `/api/v1/pending-agents`, until an admin
+    /// accepts its key).
+    #[serde(default)]
+    pub admission: super::hub::Admission,
 }
 
 /// How the server reaches MQTT.
@@ -199,6 +204,7 @@ impl Default for ServerConfig {
             bundle_hold_secs: default_bundle_hold_secs(),
             max_events: default_max_events(),
             assign_new_agents: true,
+            admission: super::hub::Admission::default(),
         }
     }
 }

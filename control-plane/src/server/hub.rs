@@ -111,9 +111,48 @@ pub struct Hub {
     out: mpsc::UnboundedSender<Outgoing>,
     seq: u64,
     dropped: Dropped,
-    /// Per registered agent, the latest valid birth refused because it named another key
-    /// (a device whose data was wiped): forgetting the agent admits it at once.
-    refused_births: BTreeMap<String, Birth>,
+    admission: Admission,
+    /// Agents waiting to be accepted, by id: the latest valid birth of each that could not
+    /// register (see [`Hub::accept_agent`]).
+    pending: BTreeMap<String, PendingAgent>,
+    /// At most this many are held ([`MAX_PENDING`]; less in tests).
+    pending_limit: usize,
+}
+
+/// Most agents held waiting for acceptance; births of further unknown agents are dropped
+/// without being held, so a flood of made-up ids cannot exhaust memory.
+pub const MAX_PENDING: usize = 10_000;
+
+/// Who may register a new agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Admission {
+    /// An agent's first birth registers the key it names (trust on first use).
+    #[default]
+    Open,
+    /// A new agent waits until an admin accepts the key it offers.
+    Accept,
+}
+
+/// A birth held until an admin accepts the key it names.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct PendingAgent {
+    /// Agent id.
+    pub id: String,
+    /// Id of the key it offers (SHA-256 of the raw key), hex.
+    pub key_id: String,
+    /// The key it offers, hex.
+    #[schema(value_type = String)]
+    pub identity: PublicKey,
+    /// Id of the key registered for it, hex, when it is a known agent offering another key
+    /// (a device that was reset, or an impostor).
+    pub registered_key_id: Option<String>,
+    /// Labels its birth gives.
+    pub labels: BTreeMap<String, String>,
+    /// When its first birth with this key arrived, Unix milliseconds.
+    pub since_ms: u64,
+    #[serde(skip)]
+    birth: Birth,
 }
 
 impl std::fmt::Debug for Hub {
@@ -144,6 +183,8 @@ pub struct HubSettings {
     /// Whether agents with no desired state are given the fleet's current release (see
     /// [`Hub::release_for`]).
     pub assign_new_agents: bool,
+    /// Who may register a new agent.
+    pub admission: Admission,
 }
 
 impl Hub {
@@ -218,7 +259,9 @@ impl Hub {
             // them growing across restarts without storing a counter.
             seq: now_ms,
             dropped: Dropped::default(),
-            refused_births: BTreeMap::new(),
+            admission: settings.admission,
+            pending: BTreeMap::new(),
+            pending_limit: MAX_PENDING,
         })
     }
 
@@ -237,8 +280,9 @@ impl Hub {
     /// Handles a message on an agent topic. Malformed messages, messages in another agent's
     /// name and messages not signed by the agent's registered key are counted and dropped.
     ///
-    /// An agent registers its key with its first birth (trust on first use); from then on
-    /// only that key speaks for it, until an admin forgets the agent.
+    /// An agent registers its key with its first birth (trust on first use), or, with
+    /// [`Admission::Accept`], once an admin accepts it; from then on only that key speaks for
+    /// it, until an admin accepts another key for it or forgets it.
     pub fn on_agent_message(&mut self, topic: &str, payload: &[u8], now_ms: u64) {
         let Some(agent) = topics::agent_of(topic) else {
             self.dropped.malformed += 1;
@@ -302,9 +346,10 @@ impl Hub {
     }
 
     /// Checks that `report` is signed by the key registered for `agent`. A birth (`presence`)
-    /// of an agent with no key yet registers the key it names, if that key signed it. A valid
-    /// birth naming another key than the registered one is kept aside (see
-    /// [`Hub::forget_agent`]) and logged as `agent_key_refused`, once per key.
+    /// of an agent with no key yet registers the key it names, if that key signed it and
+    /// admission is open. A valid birth that cannot register (it names another key than the
+    /// registered one, or admission waits for an admin) is held as pending and logged once
+    /// per key, as `agent_key_refused` or `agent_pending`.
     fn authenticate(
         &mut self,
         agent: &str,
@@ -323,7 +368,7 @@ impl Hub {
                 if !report.is_signed_by(topic, &birth.identity) {
                     return Err(Drop::Unauthenticated("bad signature".into()));
                 }
-                self.refuse_key(agent, registered, birth, now_ms);
+                self.hold(agent, birth, Some(registered), now_ms);
                 return Err(Drop::Unauthenticated(format!(
                     "birth names key {}, not the registered {}",
                     birth.identity.id(),
@@ -331,6 +376,13 @@ impl Hub {
                 )));
             }
             (Some(registered), _) => registered,
+            (None, Some(birth)) if self.admission == Admission::Accept => {
+                if !report.is_signed_by(topic, &birth.identity) {
+                    return Err(Drop::Unauthenticated("bad signature".into()));
+                }
+                self.hold(agent, birth, None, now_ms);
+                return Err(Drop::Unauthenticated("not accepted yet".into()));
+            }
             (None, Some(birth)) => birth.identity,
             (None, None) => return Err(Drop::Unauthenticated("no key registered".into())),
         };
@@ -340,34 +392,124 @@ impl Hub {
         Ok(())
     }
 
-    fn refuse_key(&mut self, agent: &str, registered: PublicKey, birth: &Birth, now_ms: u64) {
+    /// Holds a birth that could not register until an admin accepts it, logging it once
+    /// per key. Beyond [`MAX_PENDING`] agents, new ones are not held.
+    fn hold(&mut self, agent: &str, birth: &Birth, registered: Option<PublicKey>, now_ms: u64) {
         let offered = birth.identity;
-        let known = self
-            .refused_births
-            .insert(agent.to_owned(), birth.clone())
-            .is_some_and(|earlier| earlier.identity == offered);
-        if known {
+        let earlier = self.pending.get(agent);
+        if earlier.is_none() && self.pending.len() >= self.pending_limit {
+            tracing::warn!(
+                agent,
+                "too many agents waiting for acceptance; not holding another"
+            );
             return;
         }
-        let logged = self.log(
-            Some(agent),
-            None,
-            "agent_key_refused",
-            format!(
-                "{agent} connected with key {}, not its registered key {}: its reports are \
-                 refused. If the device was reset, forget the agent to register the new key",
-                offered.id(),
-                registered.id()
-            ),
-            serde_json::json!({
-                "offered": offered.id().0,
-                "registered": registered.id().0,
-            }),
-            now_ms,
+        let same_key = earlier.is_some_and(|p| p.identity == offered);
+        let since_ms = earlier.filter(|_| same_key).map_or(now_ms, |p| p.since_ms);
+        self.pending.insert(
+            agent.to_owned(),
+            PendingAgent {
+                id: agent.to_owned(),
+                key_id: offered.id().0.to_hex(),
+                identity: offered,
+                registered_key_id: registered.map(|k| k.id().0.to_hex()),
+                labels: birth.labels.clone(),
+                since_ms,
+                birth: birth.clone(),
+            },
         );
-        if let Err(e) = logged {
-            tracing::error!(agent, error = %format!("{e:#}"), "cannot record a refused key");
+        if same_key {
+            return;
         }
+        let (kind, message) = match registered {
+            Some(registered) => (
+                "agent_key_refused",
+                format!(
+                    "{agent} connected with key {}, not its registered key {}: its reports are \
+                     refused. If the device was reset, accept its new key",
+                    offered.id(),
+                    registered.id()
+                ),
+            ),
+            None => (
+                "agent_pending",
+                format!(
+                    "{agent} asks to join with key {}; it is heard only once an admin accepts it",
+                    offered.id()
+                ),
+            ),
+        };
+        let detail = serde_json::json!({
+            "offered": offered.id().0,
+            "registered": registered.map(|k| k.id().0),
+        });
+        if let Err(e) = self.log(Some(agent), None, kind, message, detail, now_ms) {
+            tracing::error!(agent, error = %format!("{e:#}"), "cannot record a pending agent");
+        }
+    }
+
+    /// Agents waiting for acceptance, by id.
+    pub fn pending_agents(&self) -> Vec<PendingAgent> {
+        self.pending.values().cloned().collect()
+    }
+
+    /// How many agents wait for acceptance.
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Registers the key a pending agent offers, which must be `key_id` (so what an admin
+    /// accepts is what they looked at), and applies its birth. A known agent offering a new
+    /// key (a device that was reset) must be offline and in no active rollout; it is replaced,
+    /// as if forgotten, and joins anew.
+    pub fn accept_agent(
+        &mut self,
+        id: &str,
+        key_id: &KeyId,
+        now_ms: u64,
+    ) -> Result<AgentRecord, HubError> {
+        let pending = self
+            .pending
+            .get(id)
+            .ok_or_else(|| HubError::NotFound(format!("no agent {id:?} waits for acceptance")))?;
+        if pending.identity.id() != *key_id {
+            return Err(HubError::Conflict(format!(
+                "{id} offers key {}, not {key_id}; look at it again",
+                pending.identity.id()
+            )));
+        }
+        let replaced = match self.agents.get(id) {
+            Some(_) => {
+                self.check_forgettable(id)?;
+                self.store.remove_agent(id)?;
+                self.agents.remove(id);
+                self.desired.remove(id);
+                true
+            }
+            None => false,
+        };
+        let pending = self
+            .pending
+            .remove(id)
+            .expect("invariant: looked up above under the same lock");
+        self.log(
+            Some(id),
+            None,
+            "agent_accepted",
+            format!(
+                "{id} accepted with key {}{}",
+                pending.identity.id(),
+                if replaced {
+                    ", replacing its earlier registration"
+                } else {
+                    ""
+                }
+            ),
+            serde_json::json!({ "key": pending.identity.id().0, "replaced": replaced }),
+            now_ms,
+        )?;
+        self.on_presence(id, Presence::Online(pending.birth), now_ms)?;
+        self.agent(id)
     }
 
     fn on_presence(&mut self, agent: &str, presence: Presence, now_ms: u64) -> Result<()> {
@@ -1062,8 +1204,26 @@ impl Hub {
         self.desired.get(id)
     }
 
-    /// Forgets an agent that is offline and in no active rollout.
+    /// Forgets an agent that is offline and in no active rollout, and any birth of it
+    /// waiting for acceptance.
     pub fn forget_agent(&mut self, id: &str, now_ms: u64) -> Result<(), HubError> {
+        self.check_forgettable(id)?;
+        self.store.remove_agent(id)?;
+        self.agents.remove(id);
+        self.desired.remove(id);
+        self.pending.remove(id);
+        self.log(
+            Some(id),
+            None,
+            "agent_forgotten",
+            format!("{id} forgotten"),
+            serde_json::Value::Null,
+            now_ms,
+        )?;
+        Ok(())
+    }
+
+    fn check_forgettable(&self, id: &str) -> Result<(), HubError> {
         let record = self.agent(id)?;
         if record.online {
             return Err(HubError::Conflict(format!(
@@ -1074,21 +1234,6 @@ impl Hub {
             return Err(HubError::Conflict(format!(
                 "agent {id} is in active rollout {rollout}"
             )));
-        }
-        self.store.remove_agent(id)?;
-        self.agents.remove(id);
-        self.desired.remove(id);
-        self.log(
-            Some(id),
-            None,
-            "agent_forgotten",
-            format!("{id} forgotten"),
-            serde_json::Value::Null,
-            now_ms,
-        )?;
-        // A device that came back with a new key registers it now, as a new agent.
-        if let Some(birth) = self.refused_births.remove(id) {
-            self.on_presence(id, Presence::Online(birth), now_ms)?;
         }
         Ok(())
     }
@@ -1599,6 +1744,7 @@ mod tests {
             key_dir: dir.to_owned(),
             agent_timeout_ms: 10_000,
             assign_new_agents: true,
+            admission: Admission::Open,
         };
         let (out, _) = mpsc::unbounded_channel();
         Hub::load(Store::open(dir).unwrap(), settings, out, NOW_MS).unwrap()
@@ -1641,6 +1787,57 @@ mod tests {
 
     fn signers(hub: &Hub, digest: &Sha256Digest) -> Vec<KeyId> {
         signers_of(&hub.bundles[digest])
+    }
+
+    /// The birth `agent` publishes in `session`, naming and signed by `key`.
+    fn signed_birth(agent: &str, session: u64, key: &SecretKey) -> (String, Vec<u8>) {
+        let topic = topics::agent_state(agent);
+        let birth = Birth {
+            session,
+            labels: BTreeMap::new(),
+            capabilities: flotilla_shared::wire::Capabilities {
+                architecture: "x86_64".into(),
+                cores: 2,
+                memory_bytes: 1 << 30,
+                gpu: false,
+                backends: vec![],
+                agent_version: "0.1.0".into(),
+            },
+            active: None,
+            key_set: 1,
+            identity: key.public(),
+        };
+        let envelope = Envelope::new(agent, 0, 0, Presence::Online(birth)).encode();
+        let payload = SignedReport::seal(&topic, envelope, key);
+        (topic, payload)
+    }
+
+    #[test]
+    fn births_waiting_for_acceptance_are_held_only_up_to_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut hub = hub(dir.path(), &SecretKey::from_seed([1; 32]));
+        hub.admission = Admission::Accept;
+        hub.pending_limit = 2;
+        for (n, agent) in ["edge-1", "edge-2", "edge-3"].into_iter().enumerate() {
+            let (topic, payload) =
+                signed_birth(agent, 1, &SecretKey::from_seed([n as u8 + 10; 32]));
+            hub.on_agent_message(&topic, &payload, NOW_MS);
+        }
+        let held: Vec<String> = hub.pending_agents().into_iter().map(|p| p.id).collect();
+        assert_eq!(held, ["edge-1", "edge-2"]);
+        assert_eq!(hub.dropped().unauthenticated, 3);
+
+        // One already held is still replaced by its newer birth, under another key.
+        let other = SecretKey::from_seed([99; 32]);
+        let (topic, payload) = signed_birth("edge-2", 2, &other);
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+        let edge_2 = hub
+            .pending_agents()
+            .into_iter()
+            .find(|p| p.id == "edge-2")
+            .unwrap();
+        assert_eq!(edge_2.identity, other.public());
+        assert_eq!(hub.all_agents().count(), 0, "nothing registered");
     }
 
     #[test]

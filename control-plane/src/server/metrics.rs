@@ -6,6 +6,7 @@
 //! | `flotilla_agents_by_version` | gauge | version | agents by the model they serve (`name@version`, or `none`) |
 //! | `flotilla_agents_by_health` | gauge | health | agents by reported health |
 //! | `flotilla_agents_by_key_set` | gauge | key_set | agents by the publisher key set version they report (`0`: none yet) |
+//! | `flotilla_pending_agents` | gauge | | agents waiting for an admin to accept their key |
 //! | `flotilla_trusted_key_set` | gauge | | the key set version the server trusts (0: no publisher key) |
 //! | `flotilla_rollouts` | gauge | state | rollouts by state |
 //! | `flotilla_rollout_agents` | gauge | rollout, phase | agents of each active rollout by phase |
@@ -99,6 +100,7 @@ pub struct ServerMetrics {
     by_version: Family<Version, Gauge>,
     by_health: Family<HealthLabel, Gauge>,
     by_key_set: Family<KeySetLabel, Gauge>,
+    pending_agents: Gauge,
     trusted_key_set: Gauge,
     rollouts: Family<State, Gauge>,
     rollout_agents: Family<RolloutPhase, Gauge>,
@@ -129,6 +131,7 @@ impl ServerMetrics {
             by_version: Family::default(),
             by_health: Family::default(),
             by_key_set: Family::default(),
+            pending_agents: Gauge::default(),
             trusted_key_set: Gauge::default(),
             rollouts: Family::default(),
             rollout_agents: Family::default(),
@@ -163,6 +166,11 @@ impl ServerMetrics {
             "flotilla_agents_by_key_set",
             "Agents by the publisher key set version they report",
             metrics.by_key_set.clone(),
+        );
+        registry.register(
+            "flotilla_pending_agents",
+            "Agents waiting for an admin to accept their key",
+            metrics.pending_agents.clone(),
         );
         registry.register(
             "flotilla_trusted_key_set",
@@ -296,6 +304,7 @@ impl ServerMetrics {
                 .get_or_create(&KeySetLabel { key_set })
                 .set(n);
         }
+        self.pending_agents.set(hub.pending_count() as i64);
         let trusted = hub.trust().0.map_or(0, |k| k.version());
         self.trusted_key_set
             .set(i64::try_from(trusted).unwrap_or(i64::MAX));

@@ -159,6 +159,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
             key_dir: config.data_dir.clone(),
             agent_timeout_ms: config.agent_timeout().as_millis() as u64,
             assign_new_agents: config.assign_new_agents,
+            admission: config.admission,
         },
         out_tx,
         unix_ms(),

@@ -1,9 +1,10 @@
-//! `flotilla agents` (and `agents forget`) and `flotilla events`: the fleet and the event log.
+//! `flotilla agents` (and `agents pending`, `accept`, `forget`) and `flotilla events`: the fleet
+//! and the event log.
 
 use std::collections::BTreeMap;
 use std::io::BufRead as _;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use flotilla_shared::wire::Health;
 use serde::Deserialize;
 
@@ -117,6 +118,83 @@ pub(in crate::cli) fn forget(id: &str, remote: &RemoteArgs) -> Result<()> {
     flotilla_shared::wire::check_agent_id(id).map_err(anyhow::Error::msg)?;
     Client::new(remote)?.delete(&["api", "v1", "agents", id])?;
     emit(&format!("forgot {id}\n"))
+}
+
+/// The parts of a pending agent the table shows.
+#[derive(Debug, Deserialize)]
+struct PendingRow {
+    id: String,
+    key_id: String,
+    registered_key_id: Option<String>,
+    labels: BTreeMap<String, String>,
+    since_ms: u64,
+}
+
+fn pending_rows(client: &Client) -> Result<Vec<serde_json::Value>> {
+    client
+        .get(&["api", "v1", "pending-agents"], &[])?
+        .parse("pending agent list")
+}
+
+/// Lists agents waiting for acceptance (`flotilla agents pending`).
+pub(in crate::cli) fn pending(remote: &RemoteArgs, as_json: bool) -> Result<()> {
+    let all = pending_rows(&Client::new(remote)?)?;
+    if as_json {
+        return print_json(&serde_json::Value::Array(all));
+    }
+    let rows: Vec<PendingRow> = serde_json::from_value(serde_json::Value::Array(all))
+        .context("unexpected pending agent list from the server")?;
+    if rows.is_empty() {
+        return emit("no agents wait for acceptance\n");
+    }
+    let now = table::now_ms();
+    let mut out = Table::new(&["AGENT", "KEY", "REGISTERED KEY", "WAITING", "LABELS"]);
+    for row in &rows {
+        out.row(vec![
+            row.id.clone(),
+            row.key_id[..12].to_owned(),
+            row.registered_key_id
+                .as_ref()
+                .map_or_else(|| "none (new)".into(), |k| k[..12].to_owned()),
+            table::age(row.since_ms, now),
+            row.labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        ]);
+    }
+    emit(&out.render(""))
+}
+
+/// Accepts the key a pending agent offers (`flotilla agents accept`): `key` is the key id or
+/// at least its first 12 hex digits, and must be what the agent still offers.
+pub(in crate::cli) fn accept(id: &str, key: &str, remote: &RemoteArgs) -> Result<()> {
+    flotilla_shared::wire::check_agent_id(id).map_err(anyhow::Error::msg)?;
+    let key = key.to_ascii_lowercase();
+    if key.len() < 12 || key.len() > 64 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("--key must be 12 to 64 hex digits of the key id (`flotilla agents pending`)");
+    }
+    let client = Client::new(remote)?;
+    let rows: Vec<PendingRow> =
+        serde_json::from_value(serde_json::Value::Array(pending_rows(&client)?))
+            .context("unexpected pending agent list from the server")?;
+    let Some(row) = rows.iter().find(|r| r.id == id) else {
+        bail!("no agent {id:?} waits for acceptance");
+    };
+    if !row.key_id.starts_with(&key) {
+        bail!(
+            "{id} offers key {}, not {key}: check the device's key (`flotilla-agent identity`)",
+            &row.key_id[..12]
+        );
+    }
+    let body = serde_json::json!({ "key_id": row.key_id });
+    client.post_json(
+        &["api", "v1", "pending-agents", id, "accept"],
+        &[],
+        Some(&body),
+    )?;
+    emit(&format!("accepted {id} with key {}\n", &row.key_id[..12]))
 }
 
 fn health_label(health: Option<&Health>) -> String {

@@ -31,7 +31,7 @@ pub use auth::{Admin, Caller, Operator, Tokens, Viewer};
 pub use views::{phase_name, wave_index};
 use views::{AgentView, EventsPage, FleetSummary, RolloutView, TrustView};
 
-use super::hub::{Hub, HubError, SignerScan, Steer};
+use super::hub::{Hub, HubError, PendingAgent, SignerScan, Steer};
 use super::metrics::{ServerMetrics, CONTENT_TYPE};
 use super::mqtt::MqttStats;
 use super::registry::AgentRecord;
@@ -175,6 +175,8 @@ pub fn router(state: AppState) -> Router {
     let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(list_agents))
         .routes(routes!(get_agent, forget_agent))
+        .routes(routes!(list_pending_agents))
+        .routes(routes!(accept_agent))
         .routes(routes!(fleet_summary))
         .routes(routes!(list_bundles, upload_bundle))
         .routes(routes!(get_bundle))
@@ -340,6 +342,51 @@ async fn forget_agent(
     state.hub().forget_agent(&id, unix_ms())?;
     state.store.flush().await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Agents whose birth could not register: new ones while admission waits for an admin, and
+/// known ones offering another key than the registered one.
+#[utoipa::path(get, path = "/api/v1/pending-agents", tag = "agents", security(("bearer" = [])),
+    responses((status = 200, body = Vec<PendingAgent>)))]
+async fn list_pending_agents(
+    Viewer(_): Viewer,
+    State(state): State<AppState>,
+) -> ApiResult<Json<Vec<PendingAgent>>> {
+    Ok(Json(state.hub().pending_agents()))
+}
+
+/// What an admin accepts: the key the pending agent must still offer.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct AcceptBody {
+    /// The offered key's id (64 hex digits), as `/api/v1/pending-agents` lists it.
+    #[schema(value_type = String)]
+    key_id: flotilla_shared::KeyId,
+}
+
+/// Registers the key a pending agent offers (admin); a known agent offering a new key must be
+/// offline and in no active rollout, and joins anew.
+#[utoipa::path(post, path = "/api/v1/pending-agents/{id}/accept", tag = "agents",
+    params(("id" = String, Path, description = "Agent id")), security(("bearer" = [])),
+    request_body = AcceptBody,
+    responses((status = 200, body = AgentView), (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn accept_agent(
+    Admin(_): Admin,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<AgentView>> {
+    let body: AcceptBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("bad body: {e}")))?;
+    let view = {
+        let mut hub = state.hub();
+        let record = hub.accept_agent(&id, &body.key_id, unix_ms())?;
+        AgentView::new(record, &hub)
+    };
+    state.store.flush().await?;
+    Ok(Json(view))
 }
 
 /// Counts of agents by presence, version and health, and the active rollouts.

@@ -162,6 +162,8 @@ pub struct FleetSummary {
     pub dropped_messages: Dropped,
     /// Telemetry items that never arrived, over all agents.
     pub telemetry_missing: u64,
+    /// Agents waiting for an admin to accept their key (`/api/v1/pending-agents`).
+    pub pending_agents: usize,
 }
 
 impl FleetSummary {
@@ -194,6 +196,7 @@ impl FleetSummary {
             bundles: hub.bundles().len(),
             dropped_messages: hub.dropped(),
             telemetry_missing,
+            pending_agents: hub.pending_count(),
         }
     }
 }
