@@ -1037,6 +1037,34 @@ async fn an_expired_bundle_is_neither_sent_on_by_its_rollout_nor_handed_to_new_a
     );
     let (_, record) = fleet.get("/agents/edge-a2", Some(VIEWER_TOKEN)).await;
     assert!(record["desired"].is_null(), "{record:#}");
+
+    // Said once: coming back online does not log it again.
+    fleet.stop_agent("edge-a2").await;
+    fleet
+        .wait_api("/agents/edge-a2", |a| a["online"] == false)
+        .await;
+    fleet.start_agent("edge-a2", &[("site", "a")]);
+    fleet
+        .wait_api("/agents/edge-a2", |a| a["online"] == true)
+        .await;
+    let (_, online) = fleet
+        .get(
+            "/events?kind=agent_online&agent=edge-a2",
+            Some(VIEWER_TOKEN),
+        )
+        .await;
+    assert_eq!(
+        online["events"].as_array().map(Vec::len),
+        Some(2),
+        "{online:#}"
+    );
+    let (_, page) = fleet
+        .get(
+            "/events?kind=release_expired&agent=edge-a2",
+            Some(VIEWER_TOKEN),
+        )
+        .await;
+    assert_eq!(page["events"].as_array().map(Vec::len), Some(1), "{page:#}");
     fleet.shutdown().await;
 }
 

@@ -117,6 +117,9 @@ pub struct Hub {
     pending: BTreeMap<String, PendingAgent>,
     /// At most this many are held ([`MAX_PENDING`]; less in tests).
     pending_limit: usize,
+    /// Per agent, the release it was last not given because it expired: `release_expired`
+    /// is logged once for each, not every time the agent is considered.
+    expired_notices: BTreeMap<String, String>,
 }
 
 /// Most agents held waiting for acceptance; births of further unknown agents are dropped
@@ -262,6 +265,7 @@ impl Hub {
             admission: settings.admission,
             pending: BTreeMap::new(),
             pending_limit: MAX_PENDING,
+            expired_notices: BTreeMap::new(),
         })
     }
 
@@ -481,9 +485,7 @@ impl Hub {
         let replaced = match self.agents.get(id) {
             Some(_) => {
                 self.check_forgettable(id)?;
-                self.store.remove_agent(id)?;
-                self.agents.remove(id);
-                self.desired.remove(id);
+                self.remove_agent(id)?;
                 true
             }
             None => false,
@@ -635,6 +637,10 @@ impl Hub {
             })
             .collect();
         for (agent, rollout, bundle) in expired {
+            if self.expired_notices.get(&agent) == Some(&rollout) {
+                continue;
+            }
+            self.expired_notices.insert(agent.clone(), rollout.clone());
             self.log(
                 Some(&agent),
                 None,
@@ -1208,9 +1214,7 @@ impl Hub {
     /// waiting for acceptance.
     pub fn forget_agent(&mut self, id: &str, now_ms: u64) -> Result<(), HubError> {
         self.check_forgettable(id)?;
-        self.store.remove_agent(id)?;
-        self.agents.remove(id);
-        self.desired.remove(id);
+        self.remove_agent(id)?;
         self.pending.remove(id);
         self.log(
             Some(id),
@@ -1220,6 +1224,14 @@ impl Hub {
             serde_json::Value::Null,
             now_ms,
         )?;
+        Ok(())
+    }
+
+    fn remove_agent(&mut self, id: &str) -> Result<()> {
+        self.store.remove_agent(id)?;
+        self.agents.remove(id);
+        self.desired.remove(id);
+        self.expired_notices.remove(id);
         Ok(())
     }
 
