@@ -700,31 +700,70 @@ async fn list_events(
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad_request("limit must be 1-1000"));
     }
-    let keep = |e: &EventRecord| event_matches(e, &query.agent, &query.rollout, &query.kind);
+    let filter = EventFilter {
+        agent: query.agent,
+        rollout: query.rollout,
+        kind: query.kind,
+    };
     if query.newest == Some(true) {
-        let events = state.store.latest_events(limit, keep)?;
+        let events = filter.read(&state.store, LogEnd::Newest, limit).await?;
         return Ok(Json(EventsPage {
             events,
             next_after: None,
         }));
     }
-    let events = state.store.events(query.after.unwrap_or(0), limit, keep)?;
+    let after = LogEnd::After(query.after.unwrap_or(0));
+    let events = filter.read(&state.store, after, limit).await?;
     let next_after = events.last().map(|e| e.id).or(query.after);
     Ok(Json(EventsPage { events, next_after }))
 }
 
-/// Whether `e` is about `agent`, of `rollout` and of `kind`, each when given.
-fn event_matches(
-    e: &EventRecord,
-    agent: &Option<String>,
-    rollout: &Option<String>,
-    kind: &Option<String>,
-) -> bool {
-    agent.as_ref().is_none_or(|a| e.agent.as_ref() == Some(a))
-        && rollout
+/// Which events a reader of the log wants: those about `agent`, of `rollout` and of `kind`,
+/// each when given.
+#[derive(Debug, Clone)]
+struct EventFilter {
+    agent: Option<String>,
+    rollout: Option<String>,
+    kind: Option<String>,
+}
+
+/// Where a read of the event log starts.
+#[derive(Debug, Clone, Copy)]
+enum LogEnd {
+    /// Oldest first, after this id.
+    After(u64),
+    /// Newest first.
+    Newest,
+}
+
+impl EventFilter {
+    fn matches(&self, e: &EventRecord) -> bool {
+        self.agent
             .as_ref()
-            .is_none_or(|r| e.rollout.as_ref() == Some(r))
-        && kind.as_ref().is_none_or(|k| &e.kind == k)
+            .is_none_or(|a| e.agent.as_ref() == Some(a))
+            && self
+                .rollout
+                .as_ref()
+                .is_none_or(|r| e.rollout.as_ref() == Some(r))
+            && self.kind.as_ref().is_none_or(|k| &e.kind == k)
+    }
+
+    /// Up to `limit` matching events from `from`, read on a blocking thread: a filter for a
+    /// rare kind may scan the whole log.
+    async fn read(
+        &self,
+        store: &Store,
+        from: LogEnd,
+        limit: usize,
+    ) -> anyhow::Result<Vec<EventRecord>> {
+        let (store, filter) = (store.clone(), self.clone());
+        tokio::task::spawn_blocking(move || match from {
+            LogEnd::After(after) => store.events(after, limit, |e| filter.matches(e)),
+            LogEnd::Newest => store.latest_events(limit, |e| filter.matches(e)),
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("the event log reader failed: {e}"))?
+    }
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -775,7 +814,11 @@ async fn stream_events(
         .unwrap_or_else(|| *appended.borrow_and_update());
     let reader = EventReader {
         store: state.store.clone(),
-        query,
+        filter: EventFilter {
+            agent: query.agent,
+            rollout: query.rollout,
+            kind: query.kind,
+        },
         after,
         appended,
         shutdown: state.shutdown.clone(),
@@ -790,7 +833,7 @@ async fn stream_events(
 /// Where one event stream is in the log.
 struct EventReader {
     store: Store,
-    query: StreamQuery,
+    filter: EventFilter,
     after: u64,
     appended: tokio::sync::watch::Receiver<u64>,
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -809,10 +852,10 @@ impl EventReader {
             // Taken before the read: an event appended after it marks the watch changed, so
             // it is read on the next turn rather than skipped.
             let newest = *self.appended.borrow_and_update();
-            let q = &self.query;
-            let batch = match self.store.events(self.after, STREAM_BATCH, |e| {
-                event_matches(e, &q.agent, &q.rollout, &q.kind)
-            }) {
+            let read = self
+                .filter
+                .read(&self.store, LogEnd::After(self.after), STREAM_BATCH);
+            let batch = match read.await {
                 Ok(batch) => batch,
                 Err(e) => {
                     tracing::error!(error = %format!("{e:#}"), "cannot read the event log for a stream");
