@@ -126,6 +126,10 @@ pub struct Hub {
 /// without being held, so a flood of made-up ids cannot exhaust memory.
 pub const MAX_PENDING: usize = 10_000;
 
+/// A pending agent offering yet another key is logged again only this long after it was
+/// last logged, so a client cycling through keys cannot flood the event log.
+const PENDING_LOG_INTERVAL_MS: u64 = 10 * 60 * 1000;
+
 /// Who may register a new agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -156,6 +160,9 @@ pub struct PendingAgent {
     pub since_ms: u64,
     #[serde(skip)]
     birth: Birth,
+    /// When it was last logged.
+    #[serde(skip)]
+    logged_ms: u64,
 }
 
 impl std::fmt::Debug for Hub {
@@ -396,8 +403,9 @@ impl Hub {
         Ok(())
     }
 
-    /// Holds a birth that could not register until an admin accepts it, logging it once
-    /// per key. Beyond [`MAX_PENDING`] agents, new ones are not held.
+    /// Holds a birth that could not register until an admin accepts it, logging it when the
+    /// agent starts waiting and, for each new key it offers, at most once per
+    /// [`PENDING_LOG_INTERVAL_MS`]. Beyond [`MAX_PENDING`] agents, new ones are not held.
     fn hold(&mut self, agent: &str, birth: &Birth, registered: Option<PublicKey>, now_ms: u64) {
         let offered = birth.identity;
         let earlier = self.pending.get(agent);
@@ -410,6 +418,15 @@ impl Hub {
         }
         let same_key = earlier.is_some_and(|p| p.identity == offered);
         let since_ms = earlier.filter(|_| same_key).map_or(now_ms, |p| p.since_ms);
+        let log = match earlier {
+            None => true,
+            Some(_) if same_key => false,
+            Some(p) => now_ms.saturating_sub(p.logged_ms) >= PENDING_LOG_INTERVAL_MS,
+        };
+        let logged_ms = match earlier {
+            Some(p) if !log => p.logged_ms,
+            _ => now_ms,
+        };
         self.pending.insert(
             agent.to_owned(),
             PendingAgent {
@@ -420,9 +437,10 @@ impl Hub {
                 labels: birth.labels.clone(),
                 since_ms,
                 birth: birth.clone(),
+                logged_ms,
             },
         );
-        if same_key {
+        if !log {
             return;
         }
         let (kind, message) = match registered {
@@ -1850,6 +1868,17 @@ mod tests {
             .unwrap();
         assert_eq!(edge_2.identity, other.public());
         assert_eq!(hub.all_agents().count(), 0, "nothing registered");
+
+        // Each key it offers is not logged again at once, but is after a while.
+        let logged = |hub: &Hub| {
+            let about = |e: &EventRecord| e.agent.as_deref() == Some("edge-2");
+            hub.store().events(0, 100, about).unwrap().len()
+        };
+        assert_eq!(logged(&hub), 1);
+        let later = NOW_MS + PENDING_LOG_INTERVAL_MS;
+        let (topic, payload) = signed_birth("edge-2", 3, &SecretKey::from_seed([98; 32]));
+        hub.on_agent_message(&topic, &payload, later);
+        assert_eq!(logged(&hub), 2);
     }
 
     #[test]
