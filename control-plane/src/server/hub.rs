@@ -1822,21 +1822,7 @@ mod tests {
     /// The birth `agent` publishes in `session`, naming and signed by `key`.
     fn signed_birth(agent: &str, session: u64, key: &SecretKey) -> (String, Vec<u8>) {
         let topic = topics::agent_state(agent);
-        let birth = Birth {
-            session,
-            labels: BTreeMap::new(),
-            capabilities: flotilla_shared::wire::Capabilities {
-                architecture: "x86_64".into(),
-                cores: 2,
-                memory_bytes: 1 << 30,
-                gpu: false,
-                backends: vec![],
-                agent_version: "0.1.0".into(),
-            },
-            active: None,
-            key_set: 1,
-            identity: key.public(),
-        };
+        let birth = crate::server::registry::test_birth(session, key.public());
         let envelope = Envelope::new(agent, 0, 0, Presence::Online(birth)).encode();
         let payload = SignedReport::seal(&topic, envelope, key);
         (topic, payload)

@@ -235,27 +235,35 @@ impl AgentRecord {
     }
 }
 
+/// A birth for the server's unit tests: session `session`, label `site=a`, naming `identity`.
+#[cfg(test)]
+pub(crate) fn test_birth(session: u64, identity: PublicKey) -> Birth {
+    Birth {
+        session,
+        labels: BTreeMap::from([("site".into(), "a".into())]),
+        capabilities: flotilla_shared::wire::Capabilities {
+            architecture: "x86_64".into(),
+            cores: 2,
+            memory_bytes: 1 << 30,
+            gpu: false,
+            backends: vec![],
+            agent_version: "0.1.0".into(),
+        },
+        active: None,
+        key_set: 1,
+        identity,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flotilla_shared::wire::Capabilities;
 
     fn birth(session: u64) -> Birth {
-        Birth {
+        test_birth(
             session,
-            labels: BTreeMap::from([("site".into(), "a".into())]),
-            capabilities: Capabilities {
-                architecture: "x86_64".into(),
-                cores: 2,
-                memory_bytes: 1 << 30,
-                gpu: false,
-                backends: vec![],
-                agent_version: "0.1.0".into(),
-            },
-            active: None,
-            key_set: 1,
-            identity: flotilla_shared::SecretKey::from_seed([1; 32]).public(),
-        }
+            flotilla_shared::SecretKey::from_seed([1; 32]).public(),
+        )
     }
 
     #[test]

@@ -103,11 +103,7 @@ pub(in crate::cli) fn agents(
             a.last_heartbeat_ms
                 .map_or_else(|| "never".into(), |ms| table::age(ms, now)),
             a.rollout.clone().unwrap_or_else(|| "-".into()),
-            a.labels
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(","),
+            table::labels(&a.labels),
         ]);
     }
     emit(&out.render(""))
@@ -157,11 +153,7 @@ pub(in crate::cli) fn pending(remote: &RemoteArgs, as_json: bool) -> Result<()> 
                 .as_ref()
                 .map_or_else(|| "none (new)".into(), |k| k[..12].to_owned()),
             table::age(row.since_ms, now),
-            row.labels
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(","),
+            table::labels(&row.labels),
         ]);
     }
     emit(&out.render(""))

@@ -51,6 +51,15 @@ impl Table {
     }
 }
 
+/// Labels as `k=v,k=v`, in key order.
+pub(super) fn labels(labels: &std::collections::BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// How long ago `then_ms` was, relative to `now_ms`, as `12s ago` or `3h 5m ago`.
 pub(super) fn age(then_ms: u64, now_ms: u64) -> String {
     if then_ms > now_ms {
