@@ -387,7 +387,10 @@ impl Hub {
                 )));
             }
             (Some(registered), _) => registered,
-            (None, Some(birth)) if self.admission == Admission::Accept => {
+            // A record with no key is from before agents signed: that agent was admitted.
+            (None, Some(birth))
+                if self.admission == Admission::Accept && !self.agents.contains_key(agent) =>
+            {
                 if !report.is_signed_by(topic, &birth.identity) {
                     return Err(Drop::Unauthenticated("bad signature".into()));
                 }
@@ -1865,6 +1868,24 @@ mod tests {
         let (topic, payload) = signed_birth("edge-2", 3, &SecretKey::from_seed([98; 32]));
         hub.on_agent_message(&topic, &payload, later);
         assert_eq!(logged(&hub), 2);
+    }
+
+    #[test]
+    fn an_agent_known_from_before_reports_were_signed_registers_its_key_under_acceptance() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut hub = hub(dir.path(), &SecretKey::from_seed([1; 32]));
+        hub.admission = Admission::Accept;
+        let old = AgentRecord::new("edge-old", NOW_MS);
+        assert_eq!(old.identity, None);
+        hub.agents.insert(old.id.clone(), old);
+
+        let key = SecretKey::from_seed([7; 32]);
+        let (topic, payload) = signed_birth("edge-old", 1, &key);
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+        assert_eq!(hub.pending_count(), 0);
+        let record = hub.agent("edge-old").unwrap();
+        assert_eq!(record.identity, Some(key.public()));
+        assert!(record.online);
     }
 
     #[test]
