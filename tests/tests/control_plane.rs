@@ -516,6 +516,8 @@ async fn the_api_refuses_missing_tokens_low_roles_and_bad_input_with_reasons() {
         "/api/v1/rollouts",
         "/api/v1/rollouts/{id}/{action}",
         "/api/v1/events",
+        "/api/v1/pending-agents",
+        "/api/v1/pending-agents/{id}/accept",
     ] {
         assert!(
             doc["paths"][path].is_object(),
