@@ -72,7 +72,7 @@ impl Placement {
     }
 
     /// The preferred backends this host can run, in order; ONNX Runtime as
-    /// [`Placement::ort_present`] sees it.
+    /// `Placement::ort_present` sees it.
     pub fn available_backends(&self) -> Vec<Backend> {
         self.backends
             .iter()

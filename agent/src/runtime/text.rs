@@ -66,7 +66,7 @@ impl TextBatch {
 impl TextPipeline {
     /// Loads the bundle's tokenizer and checks the graph takes only tokenizer-fed inputs; large
     /// requests will be tokenised on the process's CPU pool of `threads` threads (0: one per
-    /// core; see [`pool::shared`]).
+    /// core; see `pool::shared`).
     pub fn load(
         dir: &Path,
         meta: &ModelMeta,

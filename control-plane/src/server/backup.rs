@@ -59,7 +59,7 @@ pub struct Entry {
 pub struct End {
     /// Entries in the file.
     pub entries: u64,
-    /// SHA-256 over the header and every entry (see [`Checksum`]).
+    /// SHA-256 over the header and every entry (see `Checksum`).
     #[serde(with = "serde_bytes")]
     pub sha256: Vec<u8>,
 }

@@ -359,8 +359,8 @@ impl Hub {
     /// Checks that `report` is signed by the key registered for `agent`. A birth (`presence`)
     /// of an agent with no key yet registers the key it names, if that key signed it and
     /// admission is open. A valid birth that cannot register (it names another key than the
-    /// registered one, or admission waits for an admin) is held as pending and logged once
-    /// per key, as `agent_key_refused` or `agent_pending`.
+    /// registered one, or admission waits for an admin) is held as pending (see
+    /// [`Hub::hold`]).
     fn authenticate(
         &mut self,
         agent: &str,
