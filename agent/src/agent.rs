@@ -282,6 +282,7 @@ fn start_link(
 
     let mut link_config = LinkConfig::new(id.clone(), config.broker.clone(), birth, will);
     link_config.subscriptions = vec![topics::agent_desired(&id)];
+    link_config.own_key = Some(identity.public());
     let (handle, incoming) = Link::start(link_config, installer.store().tree("session")?)?;
     Ok((incoming, handle))
 }

@@ -212,6 +212,40 @@ async fn birth_is_retained_and_a_cut_fires_the_will_of_that_session_before_the_n
 }
 
 #[tokio::test]
+async fn a_late_will_makes_the_link_publish_its_birth_again_but_a_forged_one_does_not() {
+    let (_port, broker) = start_broker();
+    let db = temp_db();
+    let state = topics::agent_state(AGENT);
+    let mut watcher = Observer::connect(broker.direct_port(), "watcher", &[&state]).await;
+    let mut config = link_config(&broker);
+    config.own_key = Some(identity().public());
+    let (link, _incoming) = start(config, &db);
+    wait_connections(&link, 1).await;
+    let session = link.session();
+    presence_until(&mut watcher, is_online(session)).await;
+
+    // Under another key, a will of this session is not the agent's own: nothing follows it.
+    let offline = Envelope::new(AGENT, 0, 0, Presence::Offline { session }).encode();
+    let forger = flotilla_shared::SecretKey::from_seed([2; 32]);
+    let forged = SignedReport::seal(&state, offline.clone(), &forger);
+    let client = watcher.client.clone();
+    let publish = |payload: Vec<u8>| client.publish(&state, QoS::AtLeastOnce, true, payload);
+    publish(forged).await.unwrap();
+    assert_eq!(
+        presence(&watcher.next().await),
+        Presence::Offline { session }
+    );
+    assert!(
+        watcher.stays_quiet(Duration::from_secs(1)).await,
+        "the birth came back for a forgery"
+    );
+
+    // Its own late will (as a broker may fire one on takeover) brings the birth back.
+    publish(identity().seal(&state, offline)).await.unwrap();
+    presence_until(&mut watcher, is_online(session)).await;
+}
+
+#[tokio::test]
 async fn session_counter_grows_across_agent_restarts_and_a_crash_fires_the_will() {
     let (_port, broker) = start_broker();
     let db = temp_db();

@@ -176,6 +176,9 @@ pub struct LinkConfig {
     pub backoff: BackoffConfig,
     /// How long [`LinkHandle::shutdown`] waits for the broker. Default 5 s.
     pub shutdown_timeout: Duration,
+    /// The agent's own public key: presence on its state topic that this key did not sign
+    /// is ignored. Default: none (anything that decodes counts).
+    pub own_key: Option<flotilla_shared::PublicKey>,
 }
 
 impl fmt::Debug for LinkConfig {
@@ -212,6 +215,7 @@ impl LinkConfig {
             incoming_capacity: 256,
             backoff: BackoffConfig::default(),
             shutdown_timeout: Duration::from_secs(5),
+            own_key: None,
         }
     }
 }
@@ -269,6 +273,7 @@ impl Link {
             will: config.will,
             keep_alive: Duration::from_secs(config.broker.keep_alive_secs),
             shutdown_timeout: config.shutdown_timeout,
+            own_key: config.own_key,
             session_tree,
             session: session.clone(),
             commands: commands_rx,

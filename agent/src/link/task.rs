@@ -89,6 +89,7 @@ pub(super) struct Task {
     pub will: PresenceFn,
     pub keep_alive: Duration,
     pub shutdown_timeout: Duration,
+    pub own_key: Option<flotilla_shared::PublicKey>,
     pub session_tree: sled::Tree,
     pub session: Arc<AtomicU64>,
     pub commands: mpsc::Receiver<Command>,
@@ -358,14 +359,18 @@ impl Task {
     /// Watches the agent's own retained state. A will that shows up after this connection's
     /// birth was seen (a late will of an earlier session, or a broker that fired a will on
     /// session takeover) would leave the agent looking offline while it is connected, so the
-    /// birth is published again. The signature is not checked: a forged will here can only
-    /// make the agent publish its own birth once more.
+    /// birth is published again. With `own_key`, presence that key did not sign (another
+    /// client's) is ignored, so forged wills cannot make the agent republish its birth.
     fn on_own_presence(&mut self, conn: &mut Connection, payload: &Bytes) {
-        let envelope = SignedReport::decode(payload).and_then(|r| r.envelope::<Presence>());
-        let Ok(envelope) = envelope else {
+        let report = SignedReport::decode(payload).ok().filter(|report| {
+            self.own_key
+                .as_ref()
+                .is_none_or(|key| report.is_signed_by(&self.state_topic, key))
+        });
+        let Some(Ok(envelope)) = report.map(|r| r.envelope::<Presence>()) else {
             debug!(
                 session = conn.session,
-                "undecodable message on own state topic ignored"
+                "undecodable or foreign message on own state topic ignored"
             );
             return;
         };
