@@ -861,6 +861,20 @@ fn an_offline_agent_is_forgotten_from_the_cli_by_an_admin() {
     fx.cli(Some(ADMIN_TOKEN), &["agents", "forget", "edge-2"])
         .fails_with("HTTP 404");
 
+    // What agents report reaches the operator's terminal escaped.
+    fx.add_agent("edge-3", &[("note", "\u{1b}[2J\u{1b}]0;owned\u{7}")]);
+    let listed = fx.cli(Some(VIEWER_TOKEN), &["agents"]).ok();
+    assert!(!listed.stdout.contains('\u{1b}'), "{listed:#?}");
+    assert!(
+        listed
+            .stdout
+            .contains("note=\\u{1b}[2J\\u{1b}]0;owned\\u{7}"),
+        "{listed:#?}"
+    );
+    fx.agent_left("edge-3");
+    fx.cli(Some(ADMIN_TOKEN), &["agents", "forget", "edge-3"])
+        .ok();
+
     let left = fx
         .cli(Some(VIEWER_TOKEN), &["agents", "--json"])
         .ok()

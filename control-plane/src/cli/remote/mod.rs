@@ -310,6 +310,7 @@ fn print_json(json: &Value) -> Result<()> {
 /// reader has had enough.
 fn emit(text: &str) -> Result<()> {
     use std::io::Write;
+    let text = terminal_safe(text);
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
@@ -317,9 +318,37 @@ fn emit(text: &str) -> Result<()> {
     }
 }
 
+/// `text` with every control character but line breaks and tabs escaped (`\u{1b}`): what the
+/// CLI prints comes from the server, and some of that from agents (labels, failure reasons),
+/// which must not be able to send escape sequences to an operator's terminal.
+fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn terminal_escapes_from_the_server_are_printed_escaped() {
+        assert_eq!(terminal_safe("plain\ttext\n"), "plain\ttext\n");
+        assert_eq!(
+            terminal_safe("label=\u{1b}]0;owned\u{7}\u{1b}[2J\r\n"),
+            "label=\\u{1b}]0;owned\\u{7}\\u{1b}[2J\\r\n"
+        );
+    }
 
     fn client(server: &str) -> Client {
         Client::new(&RemoteArgs {
