@@ -475,6 +475,11 @@ fn fresh_desired(shared: &Shared, state: DesiredState) -> Result<Option<DesiredS
 }
 
 fn handle_desired(shared: &Arc<Shared>, install: &mut Option<Install>, payload: &[u8]) {
+    if payload.is_empty() {
+        // The broker's retained state was cleared: the control plane forgot this id.
+        info!("the control plane withdrew this agent's desired state");
+        return;
+    }
     let state = open_desired(shared, payload).and_then(|state| {
         // Before the generation check: a state sent again carries a longer chain.
         follow_key_sets(shared, &state.key_sets);

@@ -493,6 +493,17 @@ async fn desired_state_signed_by_another_key_is_ignored_and_reported() {
         .await;
 
     let bundle = peer.hold(pack_signed("tiny-mlp-raw", &setup.keys.publisher));
+    // A cleared retained state (the control plane forgot the id) is not a bad message: the
+    // first rejection below must be the impostor's.
+    peer.client
+        .publish(
+            topics::agent_desired("edge-2"),
+            QoS::AtLeastOnce,
+            true,
+            Vec::new(),
+        )
+        .await
+        .unwrap();
     let impostor = SecretKey::from_seed([77; 32]);
     peer.desire("edge-2", 1, &bundle, &impostor).await;
     let kind = peer

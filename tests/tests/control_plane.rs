@@ -1593,3 +1593,58 @@ async fn with_admission_by_acceptance_a_new_agent_waits_for_an_admin() {
         .await;
     fleet.shutdown().await;
 }
+
+/// The retained desired state a new subscriber to `agent`'s topic gets, if any, within 2 s.
+async fn retained_desired(fleet: &Fleet, agent: &str) -> Option<Vec<u8>> {
+    let (client, mut events) = AsyncClient::new(fleet.mqtt_options("desired-reader"), 16);
+    client
+        .subscribe(topics::agent_desired(agent), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let read = async {
+        loop {
+            match events.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) if p.retain => {
+                    return p.payload.to_vec();
+                }
+                Ok(_) => {}
+                Err(e) => panic!("reader connection failed: {e}"),
+            }
+        }
+    };
+    let found = tokio::time::timeout(std::time::Duration::from_secs(2), read)
+        .await
+        .ok();
+    let _ = client.disconnect().await;
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgetting_an_agent_clears_its_retained_desired_state() {
+    let mut fleet = Fleet::start().await;
+    fleet.upload(release("1.0.0", 1, &fleet)).await;
+    fleet.start_agent("edge-f", &[("site", "f")]);
+    fleet.wait_online(&["edge-f"]).await;
+    fleet.roll_out_everywhere("1.0.0").await;
+    fleet.stop_agent("edge-f").await;
+    fleet
+        .wait_api("/agents/edge-f", |a| a["online"] == false)
+        .await;
+    assert!(
+        retained_desired(&fleet, "edge-f").await.is_some(),
+        "the broker keeps the state for the agent"
+    );
+
+    let (status, body) = fleet.delete("/agents/edge-f", Some(ADMIN_TOKEN)).await;
+    assert_eq!(status, 204, "{body:#}");
+    // The broker is told after the answer; a device taking the id later is told nothing.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while retained_desired(&fleet, "edge-f").await.is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the retained state was never cleared"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    fleet.shutdown().await;
+}

@@ -1248,10 +1248,19 @@ impl Hub {
         Ok(())
     }
 
+    /// Drops everything kept about an agent, and clears its retained desired state on the
+    /// broker (an empty retained message), so a device that takes the id later is not sent
+    /// what its predecessor was told.
     fn remove_agent(&mut self, id: &str) -> Result<()> {
         self.store.remove_agent(id)?;
         self.agents.remove(id);
-        self.desired.remove(id);
+        if self.desired.remove(id).is_some() {
+            let _ = self.out.send(Outgoing {
+                topic: topics::agent_desired(id),
+                payload: Vec::new(),
+                retain: true,
+            });
+        }
         self.expired_notices.remove(id);
         Ok(())
     }
