@@ -921,8 +921,24 @@ fn agents_waiting_for_acceptance_are_listed_and_accepted_from_the_cli() {
         "edge-1 offers key {}, not 0123456789ab",
         &key[..12]
     ));
-    admin(&["agents", "accept", "edge-9", "--key", &key[..12]])
-        .fails_with("no agent \"edge-9\" waits for acceptance");
+    admin(&["agents", "accept", "edge-9", "--key", &key[..12]]).fails_with(
+        "no agent \"edge-9\" waits for acceptance; to approve it ahead, give its whole key id",
+    );
+    let none = fx.cli(Some(VIEWER_TOKEN), &["agents", "approved"]).ok();
+    assert_eq!(none.stdout, "no keys are approved ahead\n");
+    let ahead = flotilla_tests::agent_key("edge-9").public().id().0.to_hex();
+    let approved = admin(&["agents", "accept", "edge-9", "--key", &ahead]).ok();
+    assert_eq!(
+        approved.stdout,
+        format!(
+            "approved edge-9 ahead with key {}: it registers when it first connects with that key\n",
+            &ahead[..12]
+        )
+    );
+    let listed = fx.cli(Some(VIEWER_TOKEN), &["agents", "approved"]).ok();
+    assert_eq!(listed.stdout, format!("AGENT   KEY\nedge-9  {ahead}\n"));
+    // Its first birth, with that key, registers it although admission waits for an admin.
+    fx.add_agent("edge-9", &[("site", "paris")]);
     fx.operator(&["agents", "accept", "edge-1", "--key", &key[..12]])
         .fails_with("HTTP 403");
     let accepted = admin(&["agents", "accept", "edge-1", "--key", &key[..12]]).ok();
@@ -937,6 +953,8 @@ fn agents_waiting_for_acceptance_are_listed_and_accepted_from_the_cli() {
         .json();
     assert_eq!(agents[0]["id"], "edge-1");
     assert_eq!(agents[0]["online"], true);
+    assert_eq!(agents[1]["id"], "edge-9");
+    assert_eq!(agents[1]["online"], true);
 }
 
 #[test]

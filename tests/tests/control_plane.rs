@@ -1467,6 +1467,40 @@ async fn accept(fleet: &Fleet, agent: &str, key_id: &str, token: &str) -> (u16, 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_whose_key_was_approved_ahead_joins_at_once_under_admission_by_acceptance() {
+    let mut fleet = Fleet::start_with(|c| c.admission = Admission::Accept).await;
+    // Provisioning made the device's key before it ever connected.
+    let pair =
+        flotilla_control_plane::keyfile::generate("identity", &fleet.agent_data_dir("edge-p"))
+            .unwrap();
+    let (status, body) = accept(&fleet, "edge-p", &pair.id, OPERATOR_TOKEN).await;
+    assert_eq!(status, 403, "{body:#}");
+    let (status, body) = accept(&fleet, "edge-p", &pair.id, ADMIN_TOKEN).await;
+    assert_eq!(status, 202, "{body:#}");
+    assert_eq!(body, json!({ "id": "edge-p", "key_id": pair.id }));
+    let (_, approved) = fleet.get("/approved-agents", Some(VIEWER_TOKEN)).await;
+    assert_eq!(approved, json!([{ "id": "edge-p", "key_id": pair.id }]));
+
+    fleet.start_agent("edge-p", &[("site", "p")]);
+    fleet.wait_online(&["edge-p"]).await;
+    let (_, pending) = fleet.get("/pending-agents", Some(VIEWER_TOKEN)).await;
+    assert_eq!(pending, json!([]), "it never waited");
+    let (_, approved) = fleet.get("/approved-agents", Some(VIEWER_TOKEN)).await;
+    assert_eq!(approved, json!([]), "the approval is used up");
+    let (_, joined) = fleet
+        .get(
+            "/events?kind=agent_accepted&agent=edge-p",
+            Some(VIEWER_TOKEN),
+        )
+        .await;
+    assert_eq!(
+        joined["events"][0]["detail"]["approved_ahead"], true,
+        "{joined:#}"
+    );
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_device_is_heard_again_once_an_admin_accepts_its_new_key() {
     let mut fleet = Fleet::start().await;
     fleet.start_agent("edge-r", &[("site", "r")]);
@@ -1587,7 +1621,7 @@ async fn with_admission_by_acceptance_a_new_agent_waits_for_an_admin() {
     assert_eq!(status, 200, "{body:#}");
     fleet.wait_online(&["edge-n"]).await;
     let (status, body) = accept(&fleet, "edge-n", &key_id(&fleet), ADMIN_TOKEN).await;
-    assert_eq!(status, 404, "accepted once: {body:#}");
+    assert_eq!(status, 409, "accepted once: {body:#}");
     fleet
         .wait_api("/agents/edge-n", |a| a["last_heartbeat_ms"].is_u64())
         .await;

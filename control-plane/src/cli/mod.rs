@@ -49,7 +49,8 @@ pub enum Command {
     /// List a control plane's agents: presence, version, health, heartbeat, labels; list and
     /// accept those waiting to join; forget one.
     Agents {
-        /// `pending`, `accept ID --key KEY_ID` or `forget ID`; nothing to list the agents.
+        /// `pending`, `approved`, `accept ID --key KEY_ID` or `forget ID`; nothing to list the
+        /// agents.
         #[command(subcommand)]
         command: Option<AgentsCommand>,
         /// Only agents this label selector matches, e.g. `site=berlin,hw in (cpu,gpu)`.
@@ -112,13 +113,23 @@ pub enum AgentsCommand {
         #[command(flatten)]
         remote: RemoteArgs,
     },
+    /// List keys approved ahead for agents not seen yet.
+    Approved {
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Server and token.
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
     /// Accept the key a pending agent offers (admin). Compare the key with what
-    /// `flotilla-agent identity` prints on the device first.
+    /// `flotilla-agent identity` prints on the device first. For an agent not seen yet, the
+    /// whole key id approves it ahead: its first connection with that key registers.
     Accept {
         /// The agent's id.
         id: String,
-        /// The key id it must still offer: as `agents pending` shows it (12 or more leading
-        /// hex digits).
+        /// The key id it must offer: as `agents pending` shows it (12 or more leading hex
+        /// digits), or all 64 to approve an agent not seen yet.
         #[arg(long = "key", value_name = "KEY_ID")]
         key: String,
         /// Server and token.
@@ -452,6 +463,10 @@ pub fn run(cli: Cli) -> Result<()> {
             command: Some(AgentsCommand::Accept { id, key, remote }),
             ..
         } => remote::fleet::accept(&id, &key, &remote),
+        Command::Agents {
+            command: Some(AgentsCommand::Approved { json, remote }),
+            ..
+        } => remote::fleet::approved(&remote, json),
         Command::Agents {
             command: None,
             selector,

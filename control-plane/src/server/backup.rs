@@ -22,9 +22,10 @@ use super::store::{Snapshot, Store, TREES};
 
 /// What [`Header::format`] says.
 pub const FORMAT: &str = "flotilla-backup";
-/// The format version this build writes: 2 added the `trust` tree (key sets). Version 1
-/// files, which have no such tree, read the same.
-pub const VERSION: u32 = 2;
+/// The format version this build writes: 2 added the `trust` tree (key sets), 3 the
+/// `approvals` tree (agent keys approved ahead). Older files, which lack those trees, read
+/// the same.
+pub const VERSION: u32 = 3;
 /// The oldest format version this build reads.
 pub const OLDEST_READ: u32 = 1;
 
@@ -119,13 +120,15 @@ impl std::fmt::Display for Summary {
         let count = |tree: &str| self.records.get(tree).copied().unwrap_or(0);
         write!(
             f,
-            "{} agents, {} bundles ({} bytes), {} rollouts, {} desired states, {} key sets, {} events",
+            "{} agents, {} bundles ({} bytes), {} rollouts, {} desired states, {} key sets, {} \
+             keys approved ahead, {} events",
             count("agents"),
             count("bundles"),
             self.payload_bytes,
             count("rollouts"),
             count("desired"),
             count("trust"),
+            count("approvals"),
             count("events"),
         )
     }
@@ -317,6 +320,7 @@ mod tests {
             ("desired", "edge-1", "desired state"),
             ("rollouts", "r-1", "rollout"),
             ("trust", "key-set-2", "key set"),
+            ("approvals", "edge-2", "key id"),
         ] {
             store
                 .insert_raw(tree, key.as_bytes(), value.as_bytes())
@@ -362,7 +366,8 @@ mod tests {
         let bytes = backup_of(&store);
 
         let taken = entries(&bytes).unwrap();
-        assert_eq!(taken.len(), 8);
+        assert_eq!(taken.len(), 9, "a record of each tree, and two events");
+        assert!(taken.iter().any(|e| e.tree == "approvals"));
         let payload = taken.iter().find(|e| e.tree == "payloads").unwrap();
         assert_eq!(payload.value, b"the bundle's bytes");
         let summary = read(&bytes[..], |_| Ok(())).unwrap();

@@ -120,6 +120,18 @@ pub struct Hub {
     /// Per agent, the release it was last not given because it expired: `release_expired`
     /// is logged once for each, not every time the agent is considered.
     expired_notices: BTreeMap<String, String>,
+    /// Keys approved ahead for agents not seen yet (kept in the store): a first birth with
+    /// that key registers whatever the admission, one with another key waits.
+    approvals: BTreeMap<String, KeyId>,
+}
+
+/// What approving a key for an agent did.
+#[derive(Debug)]
+pub enum Approval {
+    /// The agent was waiting with that key: it is registered now.
+    Accepted(Box<AgentRecord>),
+    /// The agent has not been seen: it registers when it first connects with that key.
+    Ahead,
 }
 
 /// Most agents held waiting for acceptance; births of further unknown agents are dropped
@@ -154,6 +166,8 @@ pub struct PendingAgent {
     /// Id of the key registered for it, hex, when it is a known agent offering another key
     /// (a device that was reset, or an impostor).
     pub registered_key_id: Option<String>,
+    /// Id of the key approved ahead for it, hex, when it offers another one.
+    pub approved_key_id: Option<String>,
     /// Labels its birth gives.
     pub labels: BTreeMap<String, String>,
     /// When its first birth with this key arrived, Unix milliseconds.
@@ -220,6 +234,7 @@ impl Hub {
             .into_iter()
             .map(|d| (d.agent.clone(), d))
             .collect();
+        let approvals = store.approvals()?;
         let rollouts = store
             .rollouts()?
             .into_iter()
@@ -273,6 +288,7 @@ impl Hub {
             pending: BTreeMap::new(),
             pending_limit: MAX_PENDING,
             expired_notices: BTreeMap::new(),
+            approvals,
         })
     }
 
@@ -388,14 +404,11 @@ impl Hub {
             }
             (Some(registered), _) => registered,
             // A record with no key is from before agents signed: that agent was admitted.
-            (None, Some(birth))
-                if self.admission == Admission::Accept && !self.agents.contains_key(agent) =>
-            {
+            (None, Some(birth)) if !self.agents.contains_key(agent) => {
                 if !report.is_signed_by(topic, &birth.identity) {
                     return Err(Drop::Unauthenticated("bad signature".into()));
                 }
-                self.hold(agent, birth, None, now_ms);
-                return Err(Drop::Unauthenticated("not accepted yet".into()));
+                return self.admit(agent, birth, now_ms);
             }
             (None, Some(birth)) => birth.identity,
             (None, None) => return Err(Drop::Unauthenticated("no key registered".into())),
@@ -404,6 +417,43 @@ impl Hub {
             return Err(Drop::Unauthenticated("bad signature".into()));
         }
         Ok(())
+    }
+
+    /// Whether a new agent's first valid birth registers: with the key approved ahead for it,
+    /// or with none approved under open admission. Otherwise it is held.
+    fn admit(&mut self, agent: &str, birth: &Birth, now_ms: u64) -> Result<(), Drop> {
+        let offered = birth.identity.id();
+        match self.approvals.get(agent) {
+            Some(approved) if *approved == offered => {
+                self.approvals.remove(agent);
+                let recorded = self.store.put_approval(agent, None).and_then(|()| {
+                    self.log(
+                        Some(agent),
+                        None,
+                        "agent_accepted",
+                        format!("{agent} joined with key {offered}, approved ahead"),
+                        serde_json::json!({ "key": offered.0, "approved_ahead": true }),
+                        now_ms,
+                    )
+                });
+                if let Err(e) = recorded {
+                    tracing::error!(agent, error = %format!("{e:#}"), "cannot record an approved agent");
+                }
+                Ok(())
+            }
+            Some(approved) => {
+                let approved = *approved;
+                self.hold(agent, birth, None, now_ms);
+                Err(Drop::Unauthenticated(format!(
+                    "birth names key {offered}, not the one approved ahead, {approved}"
+                )))
+            }
+            None if self.admission == Admission::Accept => {
+                self.hold(agent, birth, None, now_ms);
+                Err(Drop::Unauthenticated("not accepted yet".into()))
+            }
+            None => Ok(()),
+        }
     }
 
     /// Holds a birth that could not register until an admin accepts it, logging it when the
@@ -437,6 +487,7 @@ impl Hub {
                 key_id: offered.id().0.to_hex(),
                 identity: offered,
                 registered_key_id: registered.map(|k| k.id().0.to_hex()),
+                approved_key_id: self.approvals.get(agent).map(|k| k.0.to_hex()),
                 labels: birth.labels.clone(),
                 since_ms,
                 birth: birth.clone(),
@@ -483,6 +534,43 @@ impl Hub {
         self.pending.len()
     }
 
+    /// Approves `key_id` for agent `id`: accepts it if the agent waits with that key (see
+    /// [`Hub::accept_agent`]), or, for an agent not seen yet, keeps the approval so its
+    /// first birth with that key registers whatever the admission.
+    pub fn approve_agent(
+        &mut self,
+        id: &str,
+        key_id: &KeyId,
+        now_ms: u64,
+    ) -> Result<Approval, HubError> {
+        if self.pending.contains_key(id) {
+            let record = self.accept_agent(id, key_id, now_ms)?;
+            return Ok(Approval::Accepted(Box::new(record)));
+        }
+        if self.agents.contains_key(id) {
+            return Err(HubError::Conflict(format!(
+                "{id} is registered and waits for nothing; a key it offers later can be accepted then"
+            )));
+        }
+        flotilla_shared::wire::check_agent_id(id).map_err(HubError::Invalid)?;
+        self.store.put_approval(id, Some(key_id))?;
+        self.approvals.insert(id.to_owned(), *key_id);
+        self.log(
+            Some(id),
+            None,
+            "agent_approved",
+            format!("{id} approved ahead with key {key_id}: it registers when it first connects with it"),
+            serde_json::json!({ "key": key_id.0 }),
+            now_ms,
+        )?;
+        Ok(Approval::Ahead)
+    }
+
+    /// Keys approved ahead for agents not seen yet, by agent id.
+    pub fn approvals(&self) -> &BTreeMap<String, KeyId> {
+        &self.approvals
+    }
+
     /// Registers the key a pending agent offers, which must be `key_id` (so what an admin
     /// accepts is what they looked at), and applies its birth. A known agent offering a new
     /// key (a device that was reset) must be offline and in no active rollout; it is replaced,
@@ -515,6 +603,9 @@ impl Hub {
             .pending
             .remove(id)
             .expect("invariant: looked up above under the same lock");
+        if self.approvals.remove(id).is_some() {
+            self.store.put_approval(id, None)?;
+        }
         self.log(
             Some(id),
             None,
@@ -1232,11 +1323,16 @@ impl Hub {
     }
 
     /// Forgets an agent that is offline and in no active rollout, and any birth of it
-    /// waiting for acceptance.
+    /// waiting for acceptance; or withdraws the key approved ahead for an agent not seen.
     pub fn forget_agent(&mut self, id: &str, now_ms: u64) -> Result<(), HubError> {
-        self.check_forgettable(id)?;
-        self.remove_agent(id)?;
+        if self.agents.contains_key(id) || !self.approvals.contains_key(id) {
+            self.check_forgettable(id)?;
+            self.remove_agent(id)?;
+        }
         self.pending.remove(id);
+        if self.approvals.remove(id).is_some() {
+            self.store.put_approval(id, None)?;
+        }
         self.log(
             Some(id),
             None,
@@ -1895,6 +1991,73 @@ mod tests {
         let record = hub.agent("edge-old").unwrap();
         assert_eq!(record.identity, Some(key.public()));
         assert!(record.online);
+    }
+
+    #[test]
+    fn a_key_approved_ahead_registers_its_agent_and_no_other_key_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut hub = hub(dir.path(), &SecretKey::from_seed([1; 32]));
+        hub.admission = Admission::Accept;
+        let device = SecretKey::from_seed([20; 32]);
+        let approved = hub
+            .approve_agent("edge-new", &device.public().id(), NOW_MS)
+            .unwrap();
+        assert!(matches!(approved, Approval::Ahead));
+        assert_eq!(
+            hub.store().approvals().unwrap().len(),
+            1,
+            "kept in the store"
+        );
+
+        // Another key under that id waits, naming the approved one.
+        let squatter = SecretKey::from_seed([21; 32]);
+        let (topic, payload) = signed_birth("edge-new", 1, &squatter);
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+        assert!(hub.agent("edge-new").is_err());
+        let waiting = hub.pending_agents();
+        assert_eq!(
+            waiting[0].approved_key_id,
+            Some(device.public().id().0.to_hex())
+        );
+
+        // The device's own first birth registers it, under acceptance, and uses the approval up.
+        let (topic, payload) = signed_birth("edge-new", 2, &device);
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+        let record = hub.agent("edge-new").unwrap();
+        assert!(record.online);
+        assert_eq!(record.identity, Some(device.public()));
+        assert!(hub.approvals().is_empty());
+        assert!(hub.store().approvals().unwrap().is_empty());
+
+        // A registered agent waits for nothing; an approval for one not seen is withdrawn by
+        // forgetting it.
+        let again = hub.approve_agent("edge-new", &device.public().id(), NOW_MS);
+        assert!(matches!(again, Err(HubError::Conflict(_))), "{again:?}");
+        hub.approve_agent("edge-later", &device.public().id(), NOW_MS)
+            .unwrap();
+        hub.forget_agent("edge-later", NOW_MS).unwrap();
+        assert!(hub.approvals().is_empty());
+        assert!(matches!(
+            hub.approve_agent("bad/id", &device.public().id(), NOW_MS),
+            Err(HubError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn under_open_admission_an_approval_still_keeps_other_keys_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut hub = hub(dir.path(), &SecretKey::from_seed([1; 32]));
+        let device = SecretKey::from_seed([22; 32]);
+        hub.approve_agent("edge-pinned", &device.public().id(), NOW_MS)
+            .unwrap();
+        let (topic, payload) = signed_birth("edge-pinned", 1, &SecretKey::from_seed([23; 32]));
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+        assert!(hub.agent("edge-pinned").is_err(), "first use does not win");
+        assert_eq!(hub.pending_count(), 1);
+        // Other ids still register on first use.
+        let (topic, payload) = signed_birth("edge-free", 1, &SecretKey::from_seed([24; 32]));
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+        assert!(hub.agent("edge-free").unwrap().online);
     }
 
     #[test]

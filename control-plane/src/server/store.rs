@@ -7,13 +7,14 @@
 //! Writes go through [`Store`] and callers [`Store::flush`] before acknowledging an API
 //! request, so what the API confirmed survives a crash.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use flotilla_shared::wire::DesiredState;
-use flotilla_shared::{Sha256Digest, SignedKeySet};
+use flotilla_shared::{KeyId, Sha256Digest, SignedKeySet};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -69,8 +70,15 @@ pub struct EventRecord {
 }
 
 /// Every tree of the store, as backups name them.
-pub const TREES: [&str; 7] = [
-    "agents", "bundles", "payloads", "desired", "rollouts", "events", "trust",
+pub const TREES: [&str; 8] = [
+    "agents",
+    "bundles",
+    "payloads",
+    "desired",
+    "rollouts",
+    "events",
+    "trust",
+    "approvals",
 ];
 
 /// Every record but the bundle payloads, and the payloads' keys, as of one moment.
@@ -93,6 +101,8 @@ pub struct Store {
     rollouts: sled::Tree,
     events: sled::Tree,
     trust: sled::Tree,
+    /// Keys approved ahead for agents not seen yet: agent id → key id.
+    approvals: sled::Tree,
     /// The last event id given out. Kept from the log itself rather than the database's id
     /// generator, so a restored log goes on where it ended.
     last_event: Arc<AtomicU64>,
@@ -128,6 +138,7 @@ impl Store {
             rollouts: tree("rollouts")?,
             events,
             trust: tree("trust")?,
+            approvals: tree("approvals")?,
             last_event: Arc::new(AtomicU64::new(last_event)),
             appended: Arc::new(tokio::sync::watch::Sender::new(last_event)),
             db,
@@ -143,6 +154,7 @@ impl Store {
             "rollouts" => &self.rollouts,
             "events" => &self.events,
             "trust" => &self.trust,
+            "approvals" => &self.approvals,
             _ => return None,
         })
     }
@@ -215,6 +227,30 @@ impl Store {
         self.trust
             .insert(version.to_be_bytes(), signed.encode())
             .context("cannot record the key set")?;
+        Ok(())
+    }
+
+    /// Every key approved ahead, by agent id.
+    pub fn approvals(&self) -> Result<BTreeMap<String, KeyId>> {
+        let mut out = BTreeMap::new();
+        for item in self.approvals.iter() {
+            let (agent, key) = item.context("cannot read the approvals")?;
+            let agent = String::from_utf8(agent.to_vec()).context("an approval's agent id")?;
+            let key: [u8; 32] = key
+                .as_ref()
+                .try_into()
+                .context("an approval's key id is not 32 bytes")?;
+            out.insert(agent, KeyId(Sha256Digest(key)));
+        }
+        Ok(out)
+    }
+
+    /// Approves `key` ahead for `agent`, or (`None`) withdraws its approval.
+    pub fn put_approval(&self, agent: &str, key: Option<&KeyId>) -> Result<()> {
+        match key {
+            Some(key) => self.approvals.insert(agent.as_bytes(), &key.0 .0)?,
+            None => self.approvals.remove(agent.as_bytes())?,
+        };
         Ok(())
     }
 

@@ -159,8 +159,28 @@ pub(in crate::cli) fn pending(remote: &RemoteArgs, as_json: bool) -> Result<()> 
     emit(&out.render(""))
 }
 
+/// Lists keys approved ahead (`flotilla agents approved`).
+pub(in crate::cli) fn approved(remote: &RemoteArgs, as_json: bool) -> Result<()> {
+    let all: Vec<serde_json::Value> = Client::new(remote)?
+        .get(&["api", "v1", "approved-agents"], &[])?
+        .parse("approved agent list")?;
+    if as_json {
+        return print_json(&serde_json::Value::Array(all));
+    }
+    if all.is_empty() {
+        return emit("no keys are approved ahead\n");
+    }
+    let mut out = Table::new(&["AGENT", "KEY"]);
+    for row in &all {
+        let text = |field: &str| row[field].as_str().unwrap_or("?").to_owned();
+        out.row(vec![text("id"), text("key_id")]);
+    }
+    emit(&out.render(""))
+}
+
 /// Accepts the key a pending agent offers (`flotilla agents accept`): `key` is the key id or
-/// at least its first 12 hex digits, and must be what the agent still offers.
+/// at least its first 12 hex digits, and must be what the agent still offers. For an agent
+/// that does not wait, the whole key id approves it ahead.
 pub(in crate::cli) fn accept(id: &str, key: &str, remote: &RemoteArgs) -> Result<()> {
     flotilla_shared::wire::check_agent_id(id).map_err(anyhow::Error::msg)?;
     let key = key.to_ascii_lowercase();
@@ -172,7 +192,22 @@ pub(in crate::cli) fn accept(id: &str, key: &str, remote: &RemoteArgs) -> Result
         serde_json::from_value(serde_json::Value::Array(pending_rows(&client)?))
             .context("unexpected pending agent list from the server")?;
     let Some(row) = rows.iter().find(|r| r.id == id) else {
-        bail!("no agent {id:?} waits for acceptance");
+        if key.len() < 64 {
+            bail!(
+                "no agent {id:?} waits for acceptance; to approve it ahead, give its whole key id \
+                 (64 hex digits, as `flotilla-agent identity` prints it)"
+            );
+        }
+        let body = serde_json::json!({ "key_id": key });
+        client.post_json(
+            &["api", "v1", "pending-agents", id, "accept"],
+            &[],
+            Some(&body),
+        )?;
+        return emit(&format!(
+            "approved {id} ahead with key {}: it registers when it first connects with that key\n",
+            &key[..12]
+        ));
     };
     if !row.key_id.starts_with(&key) {
         bail!(

@@ -31,7 +31,7 @@ pub use auth::{Admin, Caller, Operator, Tokens, Viewer};
 pub use views::{phase_name, wave_index};
 use views::{AgentView, EventsPage, FleetSummary, RolloutView, TrustView};
 
-use super::hub::{Hub, HubError, PendingAgent, SignerScan, Steer};
+use super::hub::{Approval, Hub, HubError, PendingAgent, SignerScan, Steer};
 use super::metrics::{ServerMetrics, CONTENT_TYPE};
 use super::mqtt::MqttStats;
 use super::registry::AgentRecord;
@@ -177,6 +177,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(get_agent, forget_agent))
         .routes(routes!(list_pending_agents))
         .routes(routes!(accept_agent))
+        .routes(routes!(list_approved_agents))
         .routes(routes!(fleet_summary))
         .routes(routes!(list_bundles, upload_bundle))
         .routes(routes!(get_bundle))
@@ -364,29 +365,67 @@ struct AcceptBody {
     key_id: flotilla_shared::KeyId,
 }
 
-/// Registers the key a pending agent offers (admin); a known agent offering a new key must be
-/// offline and in no active rollout, and joins anew.
+/// A key approved ahead for an agent not seen yet.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+struct ApprovedAgent {
+    /// Agent id.
+    id: String,
+    /// The key id its first birth must offer, hex.
+    key_id: String,
+}
+
+/// Registers the key a pending agent offers (admin; 200 with the agent): a known agent
+/// offering a new key must be offline and in no active rollout, and joins anew. For an agent
+/// not seen yet the key is approved ahead (202): its first birth with that key registers,
+/// whatever the admission, and one with another key waits.
 #[utoipa::path(post, path = "/api/v1/pending-agents/{id}/accept", tag = "agents",
     params(("id" = String, Path, description = "Agent id")), security(("bearer" = [])),
     request_body = AcceptBody,
-    responses((status = 200, body = AgentView), (status = 400, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+    responses((status = 200, body = AgentView), (status = 202, body = ApprovedAgent),
+        (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 409, body = ErrorBody)))]
 async fn accept_agent(
     Admin(_): Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
     body: Bytes,
-) -> ApiResult<Json<AgentView>> {
+) -> ApiResult<Response> {
     let body: AcceptBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("bad body: {e}")))?;
-    let view = {
+    let answer = {
         let mut hub = state.hub();
-        let record = hub.accept_agent(&id, &body.key_id, unix_ms())?;
-        AgentView::new(record, &hub)
+        match hub.approve_agent(&id, &body.key_id, unix_ms())? {
+            Approval::Accepted(record) => Json(AgentView::new(*record, &hub)).into_response(),
+            Approval::Ahead => {
+                let ahead = ApprovedAgent {
+                    id,
+                    key_id: body.key_id.0.to_hex(),
+                };
+                (StatusCode::ACCEPTED, Json(ahead)).into_response()
+            }
+        }
     };
     state.store.flush().await?;
-    Ok(Json(view))
+    Ok(answer)
+}
+
+/// Keys approved ahead for agents not seen yet (`DELETE /api/v1/agents/{id}` withdraws one).
+#[utoipa::path(get, path = "/api/v1/approved-agents", tag = "agents", security(("bearer" = [])),
+    responses((status = 200, body = Vec<ApprovedAgent>)))]
+async fn list_approved_agents(
+    Viewer(_): Viewer,
+    State(state): State<AppState>,
+) -> ApiResult<Json<Vec<ApprovedAgent>>> {
+    let approvals = state
+        .hub()
+        .approvals()
+        .iter()
+        .map(|(id, key)| ApprovedAgent {
+            id: id.clone(),
+            key_id: key.0.to_hex(),
+        })
+        .collect();
+    Ok(Json(approvals))
 }
 
 /// Counts of agents by presence, version and health, and the active rollouts.

@@ -164,6 +164,8 @@ pub struct FleetSummary {
     pub telemetry_missing: u64,
     /// Agents waiting for an admin to accept their key (`/api/v1/pending-agents`).
     pub pending_agents: usize,
+    /// Keys approved ahead for agents not seen yet (`/api/v1/approved-agents`).
+    pub approved_ahead: usize,
 }
 
 impl FleetSummary {
@@ -197,6 +199,7 @@ impl FleetSummary {
             dropped_messages: hub.dropped(),
             telemetry_missing,
             pending_agents: hub.pending_count(),
+            approved_ahead: hub.approvals().len(),
         }
     }
 }
