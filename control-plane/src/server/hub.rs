@@ -425,8 +425,7 @@ impl Hub {
         let offered = birth.identity.id();
         match self.approvals.get(agent) {
             Some(approved) if *approved == offered => {
-                self.approvals.remove(agent);
-                let recorded = self.store.put_approval(agent, None).and_then(|()| {
+                let recorded = self.withdraw_approval(agent).and_then(|()| {
                     self.log(
                         Some(agent),
                         None,
@@ -566,6 +565,14 @@ impl Hub {
         Ok(Approval::Ahead)
     }
 
+    /// Drops the key approved ahead for `id`, if any.
+    fn withdraw_approval(&mut self, id: &str) -> Result<()> {
+        if self.approvals.remove(id).is_some() {
+            self.store.put_approval(id, None)?;
+        }
+        Ok(())
+    }
+
     /// Keys approved ahead for agents not seen yet, by agent id.
     pub fn approvals(&self) -> &BTreeMap<String, KeyId> {
         &self.approvals
@@ -603,9 +610,7 @@ impl Hub {
             .pending
             .remove(id)
             .expect("invariant: looked up above under the same lock");
-        if self.approvals.remove(id).is_some() {
-            self.store.put_approval(id, None)?;
-        }
+        self.withdraw_approval(id)?;
         self.log(
             Some(id),
             None,
@@ -1330,9 +1335,7 @@ impl Hub {
             self.remove_agent(id)?;
         }
         self.pending.remove(id);
-        if self.approvals.remove(id).is_some() {
-            self.store.put_approval(id, None)?;
-        }
+        self.withdraw_approval(id)?;
         self.log(
             Some(id),
             None,
