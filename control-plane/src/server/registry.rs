@@ -2,7 +2,9 @@
 //!
 //! Presence follows the agent's session counter: a birth raises the session, and a will (or
 //! any presence message) from an older session is stale and ignored, so a late will never
-//! marks a reconnected agent offline. Telemetry carries a per-agent sequence number; the
+//! marks a reconnected agent offline. A will ends its session for good: that session's birth
+//! again (a replay of the signed message, which anyone on the broker could have kept) is
+//! stale too, because an agent takes a new session number for every connection. Telemetry carries a per-agent sequence number; the
 //! registry counts gaps (items that never arrived) and drops duplicates (QoS 1 redeliveries).
 
 use std::collections::BTreeMap;
@@ -63,6 +65,10 @@ pub struct AgentRecord {
     #[serde(default)]
     #[schema(value_type = Option<String>)]
     pub identity: Option<PublicKey>,
+    /// Whether the will of `session` was applied: that session is over, and its birth is
+    /// not believed again.
+    #[serde(default)]
+    pub session_ended: bool,
 }
 
 /// What a presence message did.
@@ -113,16 +119,18 @@ impl AgentRecord {
             telemetry_dropped_by_agent: 0,
             key_set: 0,
             identity: None,
+            session_ended: false,
         }
     }
 
     /// Applies a birth whose signature the caller checked against the key it names, and
     /// which is the key registered for this agent if one is: that key is registered now.
     pub fn on_birth(&mut self, birth: &Birth, now_ms: u64) -> PresenceChange {
-        self.identity = Some(birth.identity);
-        if birth.session < self.session {
+        let ended = birth.session == self.session && self.session_ended;
+        if birth.session < self.session || ended {
             return PresenceChange::Stale;
         }
+        self.identity = Some(birth.identity);
         let change = if !self.online {
             PresenceChange::CameOnline
         } else if birth.session > self.session {
@@ -140,6 +148,9 @@ impl AgentRecord {
             self.active = birth.active.clone();
             self.key_set = birth.key_set;
         }
+        if birth.session > self.session {
+            self.session_ended = false;
+        }
         self.session = birth.session;
         self.last_seen_ms = now_ms;
         if change != PresenceChange::Stale {
@@ -154,6 +165,7 @@ impl AgentRecord {
         if session < self.session || !self.online {
             return PresenceChange::Stale;
         }
+        self.session_ended = session == self.session;
         self.online = false;
         self.presence_since_ms = now_ms;
         PresenceChange::WentOffline
@@ -279,6 +291,27 @@ mod tests {
         assert!(!agent.online);
         assert_eq!(agent.on_birth(&birth(3), 6), PresenceChange::CameOnline);
         assert_eq!(agent.labels["site"], "a");
+    }
+
+    #[test]
+    fn a_birth_replayed_after_its_session_s_will_is_stale() {
+        let mut agent = AgentRecord::new("a", 0);
+        assert_eq!(agent.on_birth(&birth(4), 1), PresenceChange::CameOnline);
+        assert_eq!(agent.on_offline(4, 2), PresenceChange::WentOffline);
+        assert_eq!(agent.on_birth(&birth(4), 3), PresenceChange::Stale);
+        assert!(!agent.online, "a dead agent does not come back by replay");
+        assert_eq!(agent.on_offline(4, 4), PresenceChange::Stale);
+        assert_eq!(agent.on_birth(&birth(5), 5), PresenceChange::CameOnline);
+        assert!(!agent.session_ended);
+    }
+
+    #[test]
+    fn a_stale_birth_registers_no_key() {
+        let mut agent = AgentRecord::new("a", 0);
+        agent.on_birth(&birth(3), 1);
+        agent.identity = None;
+        assert_eq!(agent.on_birth(&birth(2), 2), PresenceChange::Stale);
+        assert_eq!(agent.identity, None);
     }
 
     #[test]
