@@ -216,6 +216,13 @@ async fn agents_reach_the_embedded_broker_over_tls() {
 async fn a_gate_breach_rolls_back_exactly_the_updated_agents() {
     let (fleet, agents) = fleet_on_v1().await;
     fleet.upload(release("2.0.0", 2, &fleet)).await;
+    let mut on_v1 = std::collections::BTreeMap::new();
+    for agent in &agents {
+        let (_, view) = fleet
+            .get(&format!("/agents/{agent}"), Some(VIEWER_TOKEN))
+            .await;
+        on_v1.insert(agent.to_string(), view["desired"]["generation"].clone());
+    }
     let load = traffic(agents.iter().map(|a| fleet.agent_api(a)).collect());
 
     // No model answers in a microsecond: the canary's p99 breaches the gate for certain.
@@ -259,7 +266,8 @@ async fn a_gate_breach_rolls_back_exactly_the_updated_agents() {
         } else {
             assert_eq!(phase, "waiting", "{agent} was never sent v2");
             assert_eq!(
-                view["desired"]["generation"], 1,
+                view["desired"]["generation"],
+                on_v1[&agent.to_string()],
                 "{agent} got no desired state beyond v1: {view:#}"
             );
         }
@@ -1638,10 +1646,13 @@ async fn retained_desired(fleet: &Fleet, agent: &str) -> Option<Vec<u8>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forgetting_an_agent_clears_its_retained_desired_state() {
     let mut fleet = Fleet::start().await;
-    fleet.upload(release("1.0.0", 1, &fleet)).await;
+    for (version, sequence) in [("1.0.0", 1), ("2.0.0", 2), ("3.0.0", 3)] {
+        fleet.upload(release(version, sequence, &fleet)).await;
+    }
     fleet.start_agent("edge-f", &[("site", "f")]);
     fleet.wait_online(&["edge-f"]).await;
     fleet.roll_out_everywhere("1.0.0").await;
+    fleet.roll_out_everywhere("2.0.0").await;
     fleet.stop_agent("edge-f").await;
     fleet
         .wait_api("/agents/edge-f", |a| a["online"] == false)
@@ -1662,5 +1673,14 @@ async fn forgetting_an_agent_clears_its_retained_desired_state() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+
+    // The device comes back with its store, which applied two generations: the server's new
+    // count for it must still rise above them, or it would ignore the next release.
+    fleet.start_agent("edge-f", &[("site", "f")]);
+    fleet.wait_online(&["edge-f"]).await;
+    fleet.roll_out_everywhere("3.0.0").await;
+    fleet
+        .wait_api("/agents/edge-f", |a| a["active"]["version"] == "3.0.0")
+        .await;
     fleet.shutdown().await;
 }

@@ -1556,7 +1556,10 @@ impl Hub {
 
     // ---- desired state -----------------------------------------------------------------
 
-    /// Issues the next desired state for `agent`, signed and retained.
+    /// Issues the next desired state for `agent`, signed and retained. Generations rise by one
+    /// and are at least the time in milliseconds, so they keep rising where the server's
+    /// count started again: an agent forgotten and back with its store, or a server restored
+    /// from an older backup, would otherwise ignore every state as already applied.
     fn set_desired(
         &mut self,
         agent: &str,
@@ -1564,7 +1567,8 @@ impl Hub {
         rollout: Option<&str>,
         now_ms: u64,
     ) -> Result<()> {
-        let generation = self.desired.get(agent).map_or(1, |d| d.generation + 1);
+        let next = self.desired.get(agent).map_or(1, |d| d.generation + 1);
+        let generation = next.max(now_ms);
         let state = DesiredState {
             agent: agent.to_owned(),
             generation,
