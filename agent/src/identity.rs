@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use flotilla_shared::wire::SignedReport;
 use flotilla_shared::{PublicKey, SecretKey};
 use tracing::info;
@@ -41,7 +41,8 @@ impl Identity {
 
     /// The identity key in `data_dir`, made on first start.
     pub fn load_or_create(data_dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(data_dir)?;
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
         let (key, made) = keyfile::load_or_generate(IDENTITY_KEY_NAME, data_dir)?;
         if let Some(pair) = made {
             info!(
