@@ -904,7 +904,7 @@ fn agents_waiting_for_acceptance_are_listed_and_accepted_from_the_cli() {
     );
     assert!(
         lines[1].starts_with("edge-1 ")
-            && lines[1].contains(&key[..12])
+            && lines[1].contains(&key)
             && lines[1].contains("none (new)")
             && lines[1].ends_with("site=berlin"),
         "{listed:#?}"
@@ -916,14 +916,17 @@ fn agents_waiting_for_acceptance_are_listed_and_accepted_from_the_cli() {
     assert_eq!(json[0]["key_id"], key.as_str());
 
     let admin = |args: &[&str]| fx.cli(Some(ADMIN_TOKEN), args);
-    admin(&["agents", "accept", "edge-1", "--key", "12ab"]).fails_with("12 to 64 hex digits");
-    admin(&["agents", "accept", "edge-1", "--key", "0123456789ab"]).fails_with(&format!(
-        "edge-1 offers key {}, not 0123456789ab",
-        &key[..12]
-    ));
-    admin(&["agents", "accept", "edge-9", "--key", &key[..12]]).fails_with(
-        "no agent \"edge-9\" waits for acceptance; to approve it ahead, give its whole key id",
-    );
+    // A prefix could be matched by a key ground for it: only the whole id is taken.
+    admin(&["agents", "accept", "edge-1", "--key", &key[..63]])
+        .fails_with("--key must be the whole key id, 64 hex digits");
+    admin(&[
+        "agents",
+        "accept",
+        "edge-1",
+        "--key",
+        &format!("{}g", &key[..63]),
+    ])
+    .fails_with("--key must be the whole key id");
     let none = fx.cli(Some(VIEWER_TOKEN), &["agents", "approved"]).ok();
     assert_eq!(none.stdout, "no keys are approved ahead\n");
     let ahead = flotilla_tests::agent_key("edge-9").public().id().0.to_hex();
@@ -931,20 +934,20 @@ fn agents_waiting_for_acceptance_are_listed_and_accepted_from_the_cli() {
     assert_eq!(
         approved.stdout,
         format!(
-            "approved edge-9 ahead with key {}: it registers when it first connects with that key\n",
-            &ahead[..12]
+            "approved edge-9 ahead with key {}: it registers when it next connects with that key\n",
+            &ahead[..16]
         )
     );
     let listed = fx.cli(Some(VIEWER_TOKEN), &["agents", "approved"]).ok();
     assert_eq!(listed.stdout, format!("AGENT   KEY\nedge-9  {ahead}\n"));
     // Its first birth, with that key, registers it although admission waits for an admin.
     fx.add_agent("edge-9", &[("site", "paris")]);
-    fx.operator(&["agents", "accept", "edge-1", "--key", &key[..12]])
+    fx.operator(&["agents", "accept", "edge-1", "--key", &key])
         .fails_with("HTTP 403");
-    let accepted = admin(&["agents", "accept", "edge-1", "--key", &key[..12]]).ok();
+    let accepted = admin(&["agents", "accept", "edge-1", "--key", &key.to_uppercase()]).ok();
     assert_eq!(
         accepted.stdout,
-        format!("accepted edge-1 with key {}\n", &key[..12])
+        format!("accepted edge-1 with key {}\n", &key[..16])
     );
 
     let agents = fx

@@ -1583,8 +1583,14 @@ async fn with_admission_by_acceptance_a_new_agent_waits_for_an_admin() {
     assert_eq!(status, 404);
     assert_eq!(events_of(&fleet, "agent_pending", "edge-n").await, 1);
 
-    // An impostor's birth for the same id takes its place: accepting what the admin saw
-    // (the device's key) now fails instead of admitting the impostor.
+    let (status, body) = fleet
+        .get("/pending-agents?limit=0", Some(VIEWER_TOKEN))
+        .await;
+    assert_eq!(status, 400, "{body:#}");
+
+    // An impostor's birth for the same id takes its place. Accepting the key the admin saw
+    // (the device's) cannot admit the impostor: it approves the device's key ahead, so a
+    // client that keeps replacing the pending birth cannot keep the device out either.
     let (client, mut events) = AsyncClient::new(fleet.mqtt_options("impostor"), 16);
     tokio::spawn(async move { while events.poll().await.is_ok() {} });
     let state = topics::agent_state("edge-n");
@@ -1597,21 +1603,28 @@ async fn with_admission_by_acceptance_a_new_agent_waits_for_an_admin() {
     fleet
         .wait_api("/pending-agents", |p| p[0]["key_id"] == impostor)
         .await;
-    let (status, body) = accept(&fleet, "edge-n", &key_id(&fleet), ADMIN_TOKEN).await;
-    assert_eq!(status, 409, "{body:#}");
+    let device = key_id(&fleet);
+    let (status, body) = accept(&fleet, "edge-n", &device, ADMIN_TOKEN).await;
+    assert_eq!(status, 202, "{body:#}");
+    let (_, pending) = fleet.get("/pending-agents", Some(VIEWER_TOKEN)).await;
+    assert_eq!(pending[0]["key_id"], impostor, "{pending:#}");
+    assert_eq!(pending[0]["approved_key_id"], device, "{pending:#}");
+    let (status, _) = fleet.get("/agents/edge-n", Some(VIEWER_TOKEN)).await;
+    assert_eq!(status, 404, "the impostor is not let in");
 
-    // The device connects again; its own key is accepted and it joins.
+    // The device connects again: its key registers it, and the impostor's birth is dropped.
     fleet.stop_agent("edge-n").await;
     fleet.start_agent("edge-n", &[("site", "n")]);
-    let device = key_id(&fleet);
-    fleet
-        .wait_api("/pending-agents", |p| p[0]["key_id"] == device)
-        .await;
-    let (status, body) = accept(&fleet, "edge-n", &device, ADMIN_TOKEN).await;
-    assert_eq!(status, 200, "{body:#}");
     fleet.wait_online(&["edge-n"]).await;
-    let (status, body) = accept(&fleet, "edge-n", &key_id(&fleet), ADMIN_TOKEN).await;
-    assert_eq!(status, 409, "accepted once: {body:#}");
+    let (_, pending) = fleet.get("/pending-agents", Some(VIEWER_TOKEN)).await;
+    assert_eq!(pending, json!([]), "{pending:#}");
+    let agent = fleet
+        .wait_api("/agents/edge-n", |a| a["online"] == true)
+        .await;
+    let registered = hex::encode(identity_of(&fleet, "edge-n").public().to_bytes());
+    assert_eq!(agent["identity"], registered);
+    let (status, body) = accept(&fleet, "edge-n", &device, ADMIN_TOKEN).await;
+    assert_eq!(status, 409, "registered: {body:#}");
     fleet
         .wait_api("/agents/edge-n", |a| a["last_heartbeat_ms"].is_u64())
         .await;

@@ -123,13 +123,14 @@ pub enum AgentsCommand {
         remote: RemoteArgs,
     },
     /// Accept the key a pending agent offers (admin). Compare the key with what
-    /// `flotilla-agent identity` prints on the device first. For an agent not seen yet, the
-    /// whole key id approves it ahead: its first connection with that key registers.
+    /// `flotilla-agent identity` prints on the device first. For an agent not registered yet
+    /// that has not connected, or waits with another key, this approves the key ahead: its
+    /// next connection with that key registers.
     Accept {
         /// The agent's id.
         id: String,
-        /// The key id it must offer: as `agents pending` shows it (12 or more leading hex
-        /// digits), or all 64 to approve an agent not seen yet.
+        /// The whole key id it must offer (64 hex digits), as `flotilla-agent identity`
+        /// prints it and `agents pending` lists it.
         #[arg(long = "key", value_name = "KEY_ID")]
         key: String,
         /// Server and token.

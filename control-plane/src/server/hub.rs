@@ -138,6 +138,11 @@ pub enum Approval {
 /// without being held, so a flood of made-up ids cannot exhaust memory.
 pub const MAX_PENDING: usize = 10_000;
 
+/// Largest birth held for acceptance, encoded: a real one (labels and capabilities) is well
+/// under 1 KiB. With [`MAX_PENDING`] this bounds what pending agents hold to about 160 MiB
+/// whatever clients on the broker send.
+pub const MAX_PENDING_BIRTH_BYTES: usize = 16 * 1024;
+
 /// A pending agent offering yet another key is logged again only this long after it was
 /// last logged, so a client cycling through keys cannot flood the event log.
 const PENDING_LOG_INTERVAL_MS: u64 = 10 * 60 * 1000;
@@ -174,6 +179,9 @@ pub struct PendingAgent {
     pub since_ms: u64,
     #[serde(skip)]
     birth: Birth,
+    /// Whether the will of the held birth's session came: the agent is not connected.
+    #[serde(skip)]
+    gone: bool,
     /// When it was last logged.
     #[serde(skip)]
     logged_ms: u64,
@@ -360,6 +368,11 @@ impl Hub {
                 self.dropped.malformed += 1;
                 tracing::warn!(agent, topic, why, "dropped a malformed message");
             }
+            Err(Drop::Unauthenticated(why)) if self.pending.contains_key(&agent) => {
+                // Expected until an admin accepts it; `hold` logged that it waits.
+                self.dropped.unauthenticated += 1;
+                tracing::debug!(agent, topic, why, "dropped a message of a pending agent");
+            }
             Err(Drop::Unauthenticated(why)) => {
                 self.dropped.unauthenticated += 1;
                 tracing::warn!(
@@ -390,6 +403,14 @@ impl Hub {
             Some(Presence::Online(birth)) => Some(birth),
             _ => None,
         };
+        if let (Some(Presence::Offline { session }), Some(pending)) =
+            (presence, self.pending.get_mut(agent))
+        {
+            // Not heard as the agent's, but accepting it later must not show it connected.
+            if pending.birth.session == *session && report.is_signed_by(topic, &pending.identity) {
+                pending.gone = true;
+            }
+        }
         let key = match (registered, birth) {
             (Some(registered), Some(birth)) if birth.identity != registered => {
                 if !report.is_signed_by(topic, &birth.identity) {
@@ -457,8 +478,14 @@ impl Hub {
 
     /// Holds a birth that could not register until an admin accepts it, logging it when the
     /// agent starts waiting and, for each new key it offers, at most once per
-    /// [`PENDING_LOG_INTERVAL_MS`]. Beyond [`MAX_PENDING`] agents, new ones are not held.
+    /// [`PENDING_LOG_INTERVAL_MS`]. Beyond [`MAX_PENDING`] agents, new ones are not held, and
+    /// a birth larger than [`MAX_PENDING_BIRTH_BYTES`] is never held.
     fn hold(&mut self, agent: &str, birth: &Birth, registered: Option<PublicKey>, now_ms: u64) {
+        let size = serde_cbor::to_vec(birth).map_or(usize::MAX, |bytes| bytes.len());
+        if size > MAX_PENDING_BIRTH_BYTES {
+            tracing::warn!(agent, size, "birth too large to hold for acceptance");
+            return;
+        }
         let offered = birth.identity;
         let earlier = self.pending.get(agent);
         if earlier.is_none() && self.pending.len() >= self.pending_limit {
@@ -490,6 +517,7 @@ impl Hub {
                 labels: birth.labels.clone(),
                 since_ms,
                 birth: birth.clone(),
+                gone: false,
                 logged_ms,
             },
         );
@@ -523,9 +551,15 @@ impl Hub {
         }
     }
 
-    /// Agents waiting for acceptance, by id.
-    pub fn pending_agents(&self) -> Vec<PendingAgent> {
-        self.pending.values().cloned().collect()
+    /// At most `limit` agents waiting for acceptance, by id, from the one after `after`.
+    pub fn pending_agents(&self, after: Option<&str>, limit: usize) -> Vec<PendingAgent> {
+        use std::ops::Bound;
+        let from = after.map_or(Bound::Unbounded, |id| Bound::Excluded(id.to_owned()));
+        self.pending
+            .range((from, Bound::Unbounded))
+            .take(limit)
+            .map(|(_, p)| p.clone())
+            .collect()
     }
 
     /// How many agents wait for acceptance.
@@ -534,19 +568,22 @@ impl Hub {
     }
 
     /// Approves `key_id` for agent `id`: accepts it if the agent waits with that key (see
-    /// [`Hub::accept_agent`]), or, for an agent not seen yet, keeps the approval so its
-    /// first birth with that key registers whatever the admission.
+    /// [`Hub::accept_agent`]), or, for an agent not registered yet, keeps the approval so its
+    /// next birth with that key registers whatever the admission. So a new agent whose
+    /// pending birth another client keeps replacing with its own key can still be admitted.
     pub fn approve_agent(
         &mut self,
         id: &str,
         key_id: &KeyId,
         now_ms: u64,
     ) -> Result<Approval, HubError> {
-        if self.pending.contains_key(id) {
+        let registered = self.agents.contains_key(id);
+        let offered = self.pending.get(id).map(|p| p.identity.id());
+        if offered == Some(*key_id) || (offered.is_some() && registered) {
             let record = self.accept_agent(id, key_id, now_ms)?;
             return Ok(Approval::Accepted(Box::new(record)));
         }
-        if self.agents.contains_key(id) {
+        if registered {
             return Err(HubError::Conflict(format!(
                 "{id} is registered and waits for nothing; a key it offers later can be accepted then"
             )));
@@ -554,11 +591,16 @@ impl Hub {
         flotilla_shared::wire::check_agent_id(id).map_err(HubError::Invalid)?;
         self.store.put_approval(id, Some(key_id))?;
         self.approvals.insert(id.to_owned(), *key_id);
+        if let Some(pending) = self.pending.get_mut(id) {
+            pending.approved_key_id = Some(key_id.0.to_hex());
+        }
         self.log(
             Some(id),
             None,
             "agent_approved",
-            format!("{id} approved ahead with key {key_id}: it registers when it first connects with it"),
+            format!(
+                "{id} approved ahead with key {key_id}: it registers when it next connects with it"
+            ),
             serde_json::json!({ "key": key_id.0 }),
             now_ms,
         )?;
@@ -627,7 +669,11 @@ impl Hub {
             serde_json::json!({ "key": pending.identity.id().0, "replaced": replaced }),
             now_ms,
         )?;
+        let session = pending.birth.session;
         self.on_presence(id, Presence::Online(pending.birth), now_ms)?;
+        if pending.gone {
+            self.on_presence(id, Presence::Offline { session }, now_ms)?;
+        }
         self.agent(id)
     }
 
@@ -641,6 +687,12 @@ impl Hub {
             Presence::Offline { session } => record.on_offline(*session, now_ms),
         };
         let record = record.clone();
+        if matches!(presence, Presence::Online(_)) && change != PresenceChange::Stale {
+            // The agent is back with its registered key (or just registered): a birth held
+            // under its id is an impostor's or out of date, and accepting it later would
+            // replace the real device.
+            self.pending.remove(agent);
+        }
         self.store.put_agent(&record)?;
         self.presence_changed(&record, change, now_ms)
     }
@@ -1330,7 +1382,11 @@ impl Hub {
     /// Forgets an agent that is offline and in no active rollout, and any birth of it
     /// waiting for acceptance; or withdraws the key approved ahead for an agent not seen.
     pub fn forget_agent(&mut self, id: &str, now_ms: u64) -> Result<(), HubError> {
-        if self.agents.contains_key(id) || !self.approvals.contains_key(id) {
+        let registered = self.agents.contains_key(id);
+        if !registered && !self.pending.contains_key(id) && !self.approvals.contains_key(id) {
+            return Err(HubError::NotFound(format!("unknown agent {id:?}")));
+        }
+        if registered {
             self.check_forgettable(id)?;
             self.remove_agent(id)?;
         }
@@ -1936,11 +1992,178 @@ mod tests {
 
     /// The birth `agent` publishes in `session`, naming and signed by `key`.
     fn signed_birth(agent: &str, session: u64, key: &SecretKey) -> (String, Vec<u8>) {
-        let topic = topics::agent_state(agent);
         let birth = crate::server::registry::test_birth(session, key.public());
-        let envelope = Envelope::new(agent, 0, 0, Presence::Online(birth)).encode();
+        signed_presence(agent, Presence::Online(birth), key)
+    }
+
+    /// `presence` on `agent`'s state topic, signed by `key`.
+    fn signed_presence(agent: &str, presence: Presence, key: &SecretKey) -> (String, Vec<u8>) {
+        let topic = topics::agent_state(agent);
+        let envelope = Envelope::new(agent, 0, 0, presence).encode();
         let payload = SignedReport::seal(&topic, envelope, key);
         (topic, payload)
+    }
+
+    fn events_about(hub: &Hub, agent: &str, kind: &str) -> usize {
+        let about = |e: &EventRecord| e.agent.as_deref() == Some(agent) && e.kind == kind;
+        hub.store().events(0, 1000, about).unwrap().len()
+    }
+
+    #[test]
+    fn a_replayed_birth_does_not_bring_back_an_agent_whose_will_arrived() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut hub = hub(dir.path(), &SecretKey::from_seed([1; 32]));
+        let key = SecretKey::from_seed([30; 32]);
+        let birth = signed_birth("edge-1", 7, &key);
+        let will = signed_presence("edge-1", Presence::Offline { session: 7 }, &key);
+
+        hub.on_agent_message(&birth.0, &birth.1, NOW_MS);
+        hub.on_agent_message(&will.0, &will.1, NOW_MS + 1);
+        for at in 2..6 {
+            hub.on_agent_message(&birth.0, &birth.1, NOW_MS + at);
+            hub.on_agent_message(&will.0, &will.1, NOW_MS + at);
+        }
+
+        assert!(!hub.agent("edge-1").unwrap().online);
+        assert_eq!(events_about(&hub, "edge-1", "agent_online"), 1);
+        assert_eq!(events_about(&hub, "edge-1", "agent_offline"), 1);
+        let next = signed_birth("edge-1", 8, &key);
+        hub.on_agent_message(&next.0, &next.1, NOW_MS + 10);
+        assert!(
+            hub.agent("edge-1").unwrap().online,
+            "a new session is heard"
+        );
+    }
+
+    #[test]
+    fn an_agent_accepted_after_its_will_arrived_is_registered_offline() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut hub = hub(dir.path(), &SecretKey::from_seed([1; 32]));
+        hub.admission = Admission::Accept;
+        let key = SecretKey::from_seed([37; 32]);
+        let (topic, payload) = signed_birth("edge-w", 3, &key);
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+        let forged = signed_presence(
+            "edge-w",
+            Presence::Offline { session: 3 },
+            &SecretKey::from_seed([38; 32]),
+        );
+        hub.on_agent_message(&forged.0, &forged.1, NOW_MS);
+        let record = hub
+            .accept_agent("edge-w", &key.public().id(), NOW_MS)
+            .unwrap();
+        assert!(
+            record.online,
+            "a will another key signed is not the agent's"
+        );
+
+        let (topic, payload) = signed_birth("edge-x", 3, &key);
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+        let will = signed_presence("edge-x", Presence::Offline { session: 3 }, &key);
+        hub.on_agent_message(&will.0, &will.1, NOW_MS + 1);
+        let record = hub
+            .accept_agent("edge-x", &key.public().id(), NOW_MS + 2)
+            .unwrap();
+        assert!(!record.online);
+        assert_eq!(record.identity, Some(key.public()));
+    }
+
+    #[test]
+    fn a_pending_agent_never_registered_can_be_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut hub = hub(dir.path(), &SecretKey::from_seed([1; 32]));
+        hub.admission = Admission::Accept;
+        let (topic, payload) = signed_birth("edge-p", 1, &SecretKey::from_seed([31; 32]));
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+        assert_eq!(hub.pending_count(), 1);
+
+        hub.forget_agent("edge-p", NOW_MS).unwrap();
+        assert_eq!(hub.pending_count(), 0);
+        assert!(matches!(
+            hub.forget_agent("edge-p", NOW_MS),
+            Err(HubError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn a_birth_too_large_is_not_held_for_acceptance() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut hub = hub(dir.path(), &SecretKey::from_seed([1; 32]));
+        hub.admission = Admission::Accept;
+        let key = SecretKey::from_seed([32; 32]);
+        let mut birth = crate::server::registry::test_birth(1, key.public());
+        birth
+            .labels
+            .insert("padding".into(), "x".repeat(MAX_PENDING_BIRTH_BYTES));
+        let (topic, payload) = signed_presence("edge-big", Presence::Online(birth), &key);
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+        assert_eq!(hub.pending_count(), 0);
+        assert_eq!(hub.dropped().unauthenticated, 1);
+
+        let (topic, payload) = signed_birth("edge-big", 2, &key);
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+        assert_eq!(hub.pending_count(), 1, "an ordinary birth is held");
+    }
+
+    #[test]
+    fn a_new_agent_whose_pending_birth_another_key_replaced_can_be_approved_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut hub = hub(dir.path(), &SecretKey::from_seed([1; 32]));
+        hub.admission = Admission::Accept;
+        let (device, squatter) = (
+            SecretKey::from_seed([33; 32]),
+            SecretKey::from_seed([34; 32]),
+        );
+        let (topic, payload) = signed_birth("edge-s", 1, &device);
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+        let (topic, payload) = signed_birth("edge-s", 9, &squatter);
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+        assert_eq!(
+            hub.pending_agents(None, usize::MAX)[0].identity,
+            squatter.public()
+        );
+
+        let approval = hub.approve_agent("edge-s", &device.public().id(), NOW_MS);
+        assert!(matches!(approval, Ok(Approval::Ahead)), "{approval:?}");
+        assert_eq!(
+            hub.pending_agents(None, usize::MAX)[0].approved_key_id,
+            Some(device.public().id().0.to_hex()),
+            "the list shows the key that will be let in"
+        );
+        let (topic, payload) = signed_birth("edge-s", 10, &squatter);
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+        assert!(hub.agent("edge-s").is_err());
+
+        // The device reconnects: it registers, and the squatter's birth is no longer held.
+        let (topic, payload) = signed_birth("edge-s", 2, &device);
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+        assert_eq!(hub.agent("edge-s").unwrap().identity, Some(device.public()));
+        assert_eq!(hub.pending_count(), 0);
+    }
+
+    #[test]
+    fn a_registered_agent_back_with_its_own_key_clears_an_impostor_s_pending_birth() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut hub = hub(dir.path(), &SecretKey::from_seed([1; 32]));
+        let (device, impostor) = (
+            SecretKey::from_seed([35; 32]),
+            SecretKey::from_seed([36; 32]),
+        );
+        let (topic, payload) = signed_birth("edge-r", 1, &device);
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+        let (topic, payload) = signed_birth("edge-r", 5, &impostor);
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+        assert_eq!(hub.pending_count(), 1, "held as a possible reset device");
+
+        // A replay of the device's own earlier birth changes nothing ...
+        let (topic, payload) = signed_birth("edge-r", 1, &device);
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+        assert_eq!(hub.pending_count(), 1);
+        // ... its next session shows it still holds its key.
+        let (topic, payload) = signed_birth("edge-r", 2, &device);
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+        assert_eq!(hub.pending_count(), 0);
+        assert_eq!(hub.agent("edge-r").unwrap().identity, Some(device.public()));
     }
 
     #[test]
@@ -1954,8 +2177,18 @@ mod tests {
                 signed_birth(agent, 1, &SecretKey::from_seed([n as u8 + 10; 32]));
             hub.on_agent_message(&topic, &payload, NOW_MS);
         }
-        let held: Vec<String> = hub.pending_agents().into_iter().map(|p| p.id).collect();
+        let held: Vec<String> = hub
+            .pending_agents(None, usize::MAX)
+            .into_iter()
+            .map(|p| p.id)
+            .collect();
         assert_eq!(held, ["edge-1", "edge-2"]);
+        let page: Vec<String> = hub
+            .pending_agents(Some("edge-1"), 1)
+            .into_iter()
+            .map(|p| p.id)
+            .collect();
+        assert_eq!(page, ["edge-2"], "paged by id");
         assert_eq!(hub.dropped().unauthenticated, 3);
 
         // One already held is still replaced by its newer birth, under another key.
@@ -1963,7 +2196,7 @@ mod tests {
         let (topic, payload) = signed_birth("edge-2", 2, &other);
         hub.on_agent_message(&topic, &payload, NOW_MS);
         let edge_2 = hub
-            .pending_agents()
+            .pending_agents(None, usize::MAX)
             .into_iter()
             .find(|p| p.id == "edge-2")
             .unwrap();
@@ -2021,7 +2254,7 @@ mod tests {
         let (topic, payload) = signed_birth("edge-new", 1, &squatter);
         hub.on_agent_message(&topic, &payload, NOW_MS);
         assert!(hub.agent("edge-new").is_err());
-        let waiting = hub.pending_agents();
+        let waiting = hub.pending_agents(None, usize::MAX);
         assert_eq!(
             waiting[0].approved_key_id,
             Some(device.public().id().0.to_hex())

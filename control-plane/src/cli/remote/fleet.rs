@@ -122,19 +122,16 @@ struct PendingRow {
     id: String,
     key_id: String,
     registered_key_id: Option<String>,
+    approved_key_id: Option<String>,
     labels: BTreeMap<String, String>,
     since_ms: u64,
 }
 
-fn pending_rows(client: &Client) -> Result<Vec<serde_json::Value>> {
-    client
-        .get(&["api", "v1", "pending-agents"], &[])?
-        .parse("pending agent list")
-}
-
 /// Lists agents waiting for acceptance (`flotilla agents pending`).
 pub(in crate::cli) fn pending(remote: &RemoteArgs, as_json: bool) -> Result<()> {
-    let all = pending_rows(&Client::new(remote)?)?;
+    let all: Vec<serde_json::Value> = Client::new(remote)?
+        .get(&["api", "v1", "pending-agents"], &[])?
+        .parse("pending agent list")?;
     if as_json {
         return print_json(&serde_json::Value::Array(all));
     }
@@ -146,12 +143,15 @@ pub(in crate::cli) fn pending(remote: &RemoteArgs, as_json: bool) -> Result<()> 
     let now = table::now_ms();
     let mut out = Table::new(&["AGENT", "KEY", "REGISTERED KEY", "WAITING", "LABELS"]);
     for row in &rows {
+        let registered = match (&row.registered_key_id, &row.approved_key_id) {
+            (Some(key), _) => short_key(key).to_owned(),
+            (None, Some(key)) => format!("none; {} approved", short_key(key)),
+            (None, None) => "none (new)".into(),
+        };
         out.row(vec![
             row.id.clone(),
-            row.key_id[..12].to_owned(),
-            row.registered_key_id
-                .as_ref()
-                .map_or_else(|| "none (new)".into(), |k| k[..12].to_owned()),
+            row.key_id.clone(),
+            registered,
             table::age(row.since_ms, now),
             table::labels(&row.labels),
         ]);
@@ -178,50 +178,37 @@ pub(in crate::cli) fn approved(remote: &RemoteArgs, as_json: bool) -> Result<()>
     emit(&out.render(""))
 }
 
-/// Accepts the key a pending agent offers (`flotilla agents accept`): `key` is the key id or
-/// at least its first 12 hex digits, and must be what the agent still offers. For an agent
-/// that does not wait, the whole key id approves it ahead.
+/// Accepts the key a pending agent offers (`flotilla agents accept`). `key` is the whole key
+/// id (a prefix could be matched by a key ground for it): the server registers the agent if it
+/// waits with that key, and otherwise, for an agent not registered yet, approves the key
+/// ahead.
 pub(in crate::cli) fn accept(id: &str, key: &str, remote: &RemoteArgs) -> Result<()> {
     flotilla_shared::wire::check_agent_id(id).map_err(anyhow::Error::msg)?;
     let key = key.to_ascii_lowercase();
-    if key.len() < 12 || key.len() > 64 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
-        bail!("--key must be 12 to 64 hex digits of the key id (`flotilla agents pending`)");
-    }
-    let client = Client::new(remote)?;
-    let rows: Vec<PendingRow> =
-        serde_json::from_value(serde_json::Value::Array(pending_rows(&client)?))
-            .context("unexpected pending agent list from the server")?;
-    let Some(row) = rows.iter().find(|r| r.id == id) else {
-        if key.len() < 64 {
-            bail!(
-                "no agent {id:?} waits for acceptance; to approve it ahead, give its whole key id \
-                 (64 hex digits, as `flotilla-agent identity` prints it)"
-            );
-        }
-        let body = serde_json::json!({ "key_id": key });
-        client.post_json(
-            &["api", "v1", "pending-agents", id, "accept"],
-            &[],
-            Some(&body),
-        )?;
-        return emit(&format!(
-            "approved {id} ahead with key {}: it registers when it first connects with that key\n",
-            &key[..12]
-        ));
-    };
-    if !row.key_id.starts_with(&key) {
+    if key.len() != 64 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
         bail!(
-            "{id} offers key {}, not {key}: check the device's key (`flotilla-agent identity`)",
-            &row.key_id[..12]
+            "--key must be the whole key id, 64 hex digits, as `flotilla-agent identity` prints \
+             it on the device (`flotilla agents pending` lists what agents offer)"
         );
     }
-    let body = serde_json::json!({ "key_id": row.key_id });
-    client.post_json(
+    let body = serde_json::json!({ "key_id": key });
+    let answer = Client::new(remote)?.post_json(
         &["api", "v1", "pending-agents", id, "accept"],
         &[],
         Some(&body),
     )?;
-    emit(&format!("accepted {id} with key {}\n", &row.key_id[..12]))
+    if answer.status == reqwest::StatusCode::ACCEPTED {
+        return emit(&format!(
+            "approved {id} ahead with key {}: it registers when it next connects with that key\n",
+            short_key(&key)
+        ));
+    }
+    emit(&format!("accepted {id} with key {}\n", short_key(&key)))
+}
+
+/// The leading 16 hex digits of a key id, for tables and messages.
+fn short_key(key_id: &str) -> &str {
+    key_id.get(..16).unwrap_or(key_id)
 }
 
 fn health_label(health: Option<&Health>) -> String {

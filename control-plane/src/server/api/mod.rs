@@ -274,6 +274,27 @@ struct AgentQuery {
     limit: Option<usize>,
 }
 
+/// A page of an id-ordered listing.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct PageQuery {
+    /// Only entries whose id sorts after this one: the last id of the previous page.
+    after: Option<String>,
+    /// At most this many (1-1000); default all.
+    limit: Option<usize>,
+}
+
+/// The page size `limit` asks for: everything when absent, else 1 to [`MAX_AGENT_PAGE`].
+fn page_limit(limit: Option<usize>) -> ApiResult<usize> {
+    match limit {
+        None => Ok(usize::MAX),
+        Some(limit @ 1..=MAX_AGENT_PAGE) => Ok(limit),
+        Some(_) => Err(ApiError::bad_request(format!(
+            "limit must be 1-{MAX_AGENT_PAGE}"
+        ))),
+    }
+}
+
 fn parse_selector(text: Option<&str>) -> ApiResult<Selector> {
     match text {
         None => Ok(Selector::everything()),
@@ -295,15 +316,7 @@ async fn list_agents(
     ApiQuery(query): ApiQuery<AgentQuery>,
 ) -> ApiResult<Json<Vec<AgentView>>> {
     let selector = parse_selector(query.selector.as_deref())?;
-    let limit = match query.limit {
-        None => usize::MAX,
-        Some(limit @ 1..=MAX_AGENT_PAGE) => limit,
-        Some(_) => {
-            return Err(ApiError::bad_request(format!(
-                "limit must be 1-{MAX_AGENT_PAGE}"
-            )))
-        }
-    };
+    let limit = page_limit(query.limit)?;
     let hub = state.hub();
     let keep = |a: &AgentRecord| {
         selector.matches(&a.labels) && query.online.is_none_or(|online| a.online == online)
@@ -346,14 +359,19 @@ async fn forget_agent(
 }
 
 /// Agents whose birth could not register: new ones while admission waits for an admin, and
-/// known ones offering another key than the registered one.
-#[utoipa::path(get, path = "/api/v1/pending-agents", tag = "agents", security(("bearer" = [])),
-    responses((status = 200, body = Vec<PendingAgent>)))]
+/// known ones offering another key than the registered one. By id, paged like `/agents`.
+#[utoipa::path(get, path = "/api/v1/pending-agents", tag = "agents", params(PageQuery),
+    security(("bearer" = [])),
+    responses((status = 200, body = Vec<PendingAgent>), (status = 400, body = ErrorBody)))]
 async fn list_pending_agents(
     Viewer(_): Viewer,
     State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<Vec<PendingAgent>>> {
-    Ok(Json(state.hub().pending_agents()))
+    let limit = page_limit(query.limit)?;
+    Ok(Json(
+        state.hub().pending_agents(query.after.as_deref(), limit),
+    ))
 }
 
 /// What an admin accepts: the key the pending agent must still offer.
