@@ -344,6 +344,15 @@ mod tests {
     }
 
     #[test]
+    fn admission_is_open_unless_the_config_asks_for_acceptance() {
+        use super::super::hub::Admission;
+        assert_eq!(ServerConfig::default().admission, Admission::Open);
+        let config: ServerConfig = toml::from_str("admission = \"accept\"").unwrap();
+        assert_eq!(config.admission, Admission::Accept);
+        assert!(toml::from_str::<ServerConfig>("admission = \"closed\"").is_err());
+    }
+
+    #[test]
     fn the_event_log_keeps_a_million_events_unless_told_otherwise() {
         assert_eq!(ServerConfig::default().max_events, 1_000_000);
         let config: ServerConfig = toml::from_str("max_events = 0").unwrap();

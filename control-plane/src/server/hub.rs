@@ -2069,6 +2069,28 @@ mod tests {
     }
 
     #[test]
+    fn a_new_key_for_an_agent_still_online_is_not_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut hub = hub(dir.path(), &SecretKey::from_seed([1; 32]));
+        let (device, other) = (
+            SecretKey::from_seed([39; 32]),
+            SecretKey::from_seed([40; 32]),
+        );
+        let (topic, payload) = signed_birth("edge-o", 1, &device);
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+        let (topic, payload) = signed_birth("edge-o", 2, &other);
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+
+        let accepted = hub.approve_agent("edge-o", &other.public().id(), NOW_MS);
+        assert!(
+            matches!(accepted, Err(HubError::Conflict(_))),
+            "{accepted:?}"
+        );
+        assert_eq!(hub.agent("edge-o").unwrap().identity, Some(device.public()));
+        assert_eq!(hub.pending_count(), 1, "it still waits");
+    }
+
+    #[test]
     fn a_pending_agent_never_registered_can_be_forgotten() {
         let dir = tempfile::tempdir().unwrap();
         let mut hub = hub(dir.path(), &SecretKey::from_seed([1; 32]));
