@@ -57,6 +57,7 @@ pub fn load_trust(config: &AgentConfig) -> Result<Trust> {
         threshold: config.trust.threshold,
         control_plane,
         key_set: config.trust.key_set,
+        key_set_digest: None,
     })
 }
 
@@ -262,12 +263,14 @@ fn start_link(
     let state_topic = topics::agent_state(&id);
     let birth_topic = state_topic.clone();
     let birth = Arc::new(move |session: u64| {
+        let trust = birth_installer.trust();
         let birth = Birth {
             session,
             labels: labels.clone(),
             capabilities: capabilities(backends.clone()),
             active: birth_slot.current().map(|m| m.active()),
-            key_set: birth_installer.trust().key_set,
+            key_set: trust.key_set,
+            key_set_digest: trust.key_set_digest,
             identity: birth_identity.public(),
         };
         let envelope = Envelope::new(&birth_id, 0, now_ms(), Presence::Online(birth));
@@ -348,6 +351,7 @@ fn send_heartbeat(shared: &Shared, sampler: &mut ProcessSampler) {
         (Some(_), Some(cause)) => Health::Degraded { cause },
         (Some(_), None) => Health::Ok,
     };
+    let trust = shared.installer.trust();
     let heartbeat = Heartbeat {
         session: shared.link.session(),
         uptime_s: shared.started.elapsed().as_secs(),
@@ -356,7 +360,8 @@ fn send_heartbeat(shared: &Shared, sampler: &mut ProcessSampler) {
         host: sampler.sample(),
         models: shared.metrics.version_snapshots(),
         dropped_telemetry: shared.outbox.dropped(),
-        key_set: shared.installer.trust().key_set,
+        key_set: trust.key_set,
+        key_set_digest: trust.key_set_digest,
     };
     if let Err(e) = shared.outbox.push(Telemetry::Heartbeat(heartbeat)) {
         warn!(error = %e, "cannot queue heartbeat");
@@ -407,6 +412,7 @@ fn follow_key_sets(shared: &Shared, chain: &[SignedKeySet]) {
         }
         let kind = EventKind::KeySetApplied {
             version: accepted.keys.version(),
+            digest: Some(accepted.signed.digest()),
             publishers: accepted.keys.publishers().iter().map(|k| k.id()).collect(),
             threshold: u32::try_from(accepted.keys.threshold()).unwrap_or(u32::MAX),
             control_plane: accepted.set.control_plane.map(|k| k.id()),

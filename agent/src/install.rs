@@ -86,6 +86,8 @@ pub struct Trust {
     pub control_plane: Option<PublicKey>,
     /// Which key set `publishers` and `threshold` are (see [`flotilla_shared::keyset`]).
     pub key_set: u64,
+    /// Digest of that set ([`SignedKeySet::digest`]); `None` for the configured keys.
+    pub key_set_digest: Option<Sha256Digest>,
 }
 
 impl Trust {
@@ -230,6 +232,7 @@ impl Installer {
             threshold: keys.threshold(),
             control_plane: accepted.set.control_plane.or(current.control_plane),
             key_set: keys.version(),
+            key_set_digest: Some(accepted.signed.digest()),
         }));
         // After the keys moved, so no bundle signed by a retired key meets the lowered floor.
         if self

@@ -532,6 +532,7 @@ mod tests {
             models: Vec::new(),
             dropped_telemetry: 0,
             key_set: 1,
+            key_set_digest: None,
         })
     }
 

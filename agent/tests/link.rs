@@ -41,6 +41,7 @@ fn birth(session: u64) -> Vec<u8> {
         capabilities: host::capabilities(vec![Backend::Tract]),
         active: None,
         key_set: 1,
+        key_set_digest: None,
         identity: identity().public(),
     };
     let envelope = Envelope::new(AGENT, session, 0, Presence::Online(birth));
@@ -143,6 +144,7 @@ fn heartbeat(n: u64) -> Telemetry {
         models: Vec::new(),
         dropped_telemetry: 0,
         key_set: 1,
+        key_set_digest: None,
     })
 }
 

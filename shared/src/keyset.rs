@@ -24,6 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::Signature;
+use crate::digest::Sha256Digest;
 use crate::keys::{KeyId, PublicKey, SecretKey};
 use crate::verify::{check_model_name, signers, Signers, Verifier};
 
@@ -184,6 +185,12 @@ impl SignedKeySet {
     /// CBOR bytes, as [`SignedKeySet::decode`] reads them.
     pub fn encode(&self) -> Vec<u8> {
         serde_cbor::to_vec(self).expect("invariant: key sets always encode as CBOR")
+    }
+
+    /// SHA-256 of the body: which set of its version this is. Two sets of one version with
+    /// different digests are two chains, a fork; agents report it so forks show.
+    pub fn digest(&self) -> Sha256Digest {
+        Sha256Digest::of(&self.body)
     }
 
     /// The set, decoded but not checked: to show it, or to learn which version it claims.

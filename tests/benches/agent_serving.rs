@@ -57,6 +57,7 @@ fn main() {
         threshold: 1,
         control_plane: None,
         key_set: 1,
+        key_set_digest: None,
     };
     let installer = Installer::new(
         Store::open(scratch.path()).unwrap(),

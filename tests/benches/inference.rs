@@ -79,6 +79,7 @@ fn stage(
         threshold: 1,
         control_plane: None,
         key_set: 1,
+        key_set_digest: None,
     };
     let mut placement = Placement::new(vec![backend]);
     placement.ort.intra_op_threads = threads;

@@ -235,6 +235,7 @@ pub fn birth(
         },
         active: None,
         key_set: 1,
+        key_set_digest: None,
         identity: agent_key(agent).public(),
     })
 }

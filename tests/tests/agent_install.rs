@@ -113,6 +113,7 @@ fn installer(dir: &std::path::Path, keys: &TestKeys) -> Installer {
         threshold: 1,
         control_plane: Some(keys.control_plane.public()),
         key_set: 1,
+        key_set_digest: None,
     };
     Installer::new(store, trust, vec![Backend::Tract])
 }
@@ -489,6 +490,7 @@ fn installer_trusting(dir: &std::path::Path, keys: &TestKeys, publisher: &Secret
         threshold: 1,
         control_plane: Some(keys.control_plane.public()),
         key_set: 1,
+        key_set_digest: None,
     };
     Installer::new(open_store(dir), trust, vec![Backend::Tract])
 }

@@ -34,13 +34,16 @@ fn write_secret_key(dir: &Path, name: &str, key: &SecretKey) -> std::path::PathB
     path
 }
 
-/// Waits until the server trusts key set `version` and every agent reports it.
+/// Waits until the server trusts key set `version` and every agent reports it, and the
+/// server's chain of key sets at that.
 async fn wait_caught_up(fleet: &Fleet, version: u64) -> Value {
-    fleet
+    let trust = fleet
         .wait_api("/trust", |t| {
             t["version"] == version && t["behind"].as_array().is_some_and(Vec::is_empty)
         })
-        .await
+        .await;
+    assert_eq!(trust["forked"], json!([]), "{trust:#}");
+    trust
 }
 
 /// Unix milliseconds now.
@@ -251,6 +254,49 @@ async fn a_pushed_key_set_reaches_every_agent_and_retires_the_old_key() {
     assert_eq!(after["key_set"], 3, "{after:#}");
     assert_eq!(after["active"]["version"], "3.0.0", "{after:#}");
     assert_eq!(events(&fleet, "key_set_applied").await.len(), 4);
+
+    // A device that trusts another key set 3 (a chain signed by someone holding publisher
+    // keys) reports the same version, but not the same set: it stands out.
+    let forked = FakeDevice::connect(&fleet, "edge-fork").await;
+    let theirs = flotilla_shared::Sha256Digest::of(b"another chain's key set 3");
+    forked.publish_birth(3, Some(theirs)).await;
+    let trust = fleet
+        .wait_api("/trust", |t| {
+            t["forked"].as_array().is_some_and(|f| !f.is_empty())
+        })
+        .await;
+    assert_eq!(trust["forked"][0]["agent"], "edge-fork", "{trust:#}");
+    assert_eq!(trust["forked"][0]["reported"], theirs.to_hex(), "{trust:#}");
+    assert_eq!(
+        trust["forked"].as_array().map(Vec::len),
+        Some(1),
+        "{trust:#}"
+    );
+    let (ok, out, err) = run_flotilla(&[
+        "keyset".as_ref(),
+        "status".as_ref(),
+        "--server".as_ref(),
+        server.as_ref(),
+        "--token".as_ref(),
+        VIEWER_TOKEN.as_ref(),
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("1 agent(s) trust a key set this server did not issue")
+            && out.contains("edge-fork"),
+        "{out}"
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", fleet.server().api_addr))
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics.contains("flotilla_agents_key_set_forked 1"),
+        "{metrics}"
+    );
+    assert_eq!(events(&fleet, "key_set_forked").await.len(), 1);
     fleet.shutdown().await;
 }
 
@@ -316,6 +362,10 @@ async fn a_key_set_that_would_strand_agents_is_refused_unless_forced() {
         verifier.verify(&late).unwrap()
     };
     let rotation = key_set(2, &[&fresh], &[&old, &fresh]);
+    let rotation_digest = flotilla_shared::SignedKeySet::decode(&rotation)
+        .unwrap()
+        .digest()
+        .to_hex();
     let (status, body) = fleet
         .post("/trust?force=true", rotation.clone(), Some(ADMIN_TOKEN))
         .await;
@@ -357,6 +407,11 @@ async fn a_key_set_that_would_strand_agents_is_refused_unless_forced() {
     // The agent keeps serving what it had.
     let agent = fleet.wait_version("edge-1", "1.0.0").await;
     assert_eq!(agent["key_set"], 2);
+    assert_eq!(
+        agent["key_set_digest"],
+        rotation_digest.as_str(),
+        "{agent:#}"
+    );
 
     // Every desired state carries the chain, so it cannot grow past what a state can carry:
     // sets of 1700 keys each (about 58 KiB) fit four times, not five.
@@ -484,7 +539,7 @@ async fn a_key_set_moves_the_fleet_to_a_new_control_plane_key() {
     let first_id = first_key.public().id();
     let new_id = flotilla_shared::PublicKey::from_pem(&new_pem).unwrap().id();
     let mut device = FakeDevice::connect(&fleet, "edge-old").await;
-    device.publish_birth(1).await;
+    device.publish_birth(1, None).await;
     assert_eq!(device.next_signers().await, (new_id, vec![first_id]));
     device.leave(&fleet).await;
 
@@ -589,8 +644,9 @@ impl FakeDevice {
             .unwrap();
     }
 
-    /// Comes online with no model, trusting `key_set`: a newcomer the server gives a release.
-    async fn publish_birth(&self, key_set: u64) {
+    /// Comes online with no model, trusting `key_set` (of `digest`, when it says): a newcomer
+    /// the server gives a release.
+    async fn publish_birth(&self, key_set: u64, digest: Option<flotilla_shared::Sha256Digest>) {
         use flotilla_shared::wire::{topics, Birth, Presence};
         let birth = Birth {
             session: 1,
@@ -600,6 +656,7 @@ impl FakeDevice {
             ]),
             active: None,
             key_set,
+            key_set_digest: digest,
             identity: flotilla_tests::agent_key(self.id).public(),
         };
         let topic = topics::agent_state(self.id);

@@ -257,6 +257,7 @@ impl Sim {
                 .unwrap_or_default(),
             dropped_telemetry: 0,
             key_set: 1,
+            key_set_digest: None,
         };
         let actions = self.rollout.on_heartbeat(agent, &heartbeat, self.now);
         self.record(actions)

@@ -123,6 +123,9 @@ pub struct Hub {
     /// Keys approved ahead for agents not seen yet (kept in the store): a first birth with
     /// that key registers whatever the admission, one with another key waits.
     approvals: BTreeMap<String, KeyId>,
+    /// Per agent, the key set digest it was last logged for as following another chain:
+    /// `key_set_forked` is logged once for each, not on every heartbeat.
+    fork_notices: BTreeMap<String, Sha256Digest>,
 }
 
 /// What approving a key for an agent did.
@@ -297,6 +300,7 @@ impl Hub {
             pending_limit: MAX_PENDING,
             expired_notices: BTreeMap::new(),
             approvals,
+            fork_notices: BTreeMap::new(),
         })
     }
 
@@ -687,6 +691,7 @@ impl Hub {
             Presence::Offline { session } => record.on_offline(*session, now_ms),
         };
         let record = record.clone();
+        self.notice_key_set_fork(&record, now_ms)?;
         if matches!(presence, Presence::Online(_)) && change != PresenceChange::Stale {
             // The agent is back with its registered key (or just registered): a birth held
             // under its id is an impostor's or out of date, and accepting it later would
@@ -731,6 +736,57 @@ impl Hub {
             self.assign_newcomers(Some(&record.id), now_ms)?;
         }
         Ok(())
+    }
+
+    /// The digest of this server's key set at the version `record` reports, when the agent
+    /// reports another digest for it: it follows another chain of key sets (a fork, which
+    /// only holders of a threshold of publisher keys could make), so it trusts keys this
+    /// server does not.
+    pub fn key_set_fork(&self, record: &AgentRecord) -> Option<Sha256Digest> {
+        let reported = record.key_set_digest?;
+        let ours = self
+            .key_sets
+            .iter()
+            .find(|set| set.version == record.key_set)?
+            .digest();
+        (ours != reported).then_some(ours)
+    }
+
+    /// Logs an agent found on another chain of key sets, once per digest it reports.
+    fn notice_key_set_fork(&mut self, record: &AgentRecord, now_ms: u64) -> Result<()> {
+        let (Some(ours), Some(reported)) = (self.key_set_fork(record), record.key_set_digest)
+        else {
+            self.fork_notices.remove(&record.id);
+            return Ok(());
+        };
+        if self.fork_notices.get(&record.id) == Some(&reported) {
+            return Ok(());
+        }
+        self.fork_notices.insert(record.id.clone(), reported);
+        tracing::error!(
+            agent = %record.id,
+            key_set = record.key_set,
+            %reported,
+            expected = %ours,
+            "agent trusts a key set this server did not issue"
+        );
+        self.log(
+            Some(&record.id),
+            None,
+            "key_set_forked",
+            format!(
+                "{} trusts key set {} with digest {reported}, not this server's {ours}: it \
+                 follows another chain of key sets, signed by publisher keys; find out who \
+                 signed it",
+                record.id, record.key_set
+            ),
+            serde_json::json!({
+                "key_set": record.key_set,
+                "reported": reported,
+                "expected": ours,
+            }),
+            now_ms,
+        )
     }
 
     /// The release an agent with `labels` joins the fleet at: the bundle of the rollout,
@@ -881,6 +937,7 @@ impl Hub {
         let change = record.on_heartbeat(heartbeat, now_ms);
         let record = record.clone();
         self.store.put_agent(&record)?;
+        self.notice_key_set_fork(&record, now_ms)?;
         if let Some(change) = change {
             self.presence_changed(&record, change, now_ms)?;
         }
@@ -898,11 +955,17 @@ impl Hub {
             .expect("invariant: record made by on_telemetry");
         match &event.kind {
             EventKind::Started { active } => record.active = active.clone(),
-            EventKind::KeySetApplied { version, .. } => record.key_set = *version,
+            EventKind::KeySetApplied {
+                version, digest, ..
+            } => {
+                record.key_set = *version;
+                record.key_set_digest = *digest;
+            }
             _ => {}
         }
         let record = record.clone();
         self.store.put_agent(&record)?;
+        self.notice_key_set_fork(&record, now_ms)?;
         let (kind, message) = describe_event(agent, &event.kind);
         self.log(
             Some(agent),
@@ -1417,6 +1480,7 @@ impl Hub {
             });
         }
         self.expired_notices.remove(id);
+        self.fork_notices.remove(id);
         Ok(())
     }
 
@@ -2339,6 +2403,56 @@ mod tests {
         assert_eq!(
             signers(&hub, &digest),
             [old.public().id(), fresh.public().id()]
+        );
+    }
+
+    #[test]
+    fn an_agent_reporting_another_chain_of_key_sets_is_flagged_once() {
+        let (old, fresh) = (SecretKey::from_seed([1; 32]), SecretKey::from_seed([2; 32]));
+        let dir = tempfile::tempdir().unwrap();
+        let mut hub = hub(dir.path(), &old);
+        let ours = next_set(&fresh, &[&old, &fresh]);
+        hub.add_key_set(ours.clone(), SignerScan::default(), false, NOW_MS)
+            .unwrap();
+        // Another set 2, signed by the same keys: a fork only key holders could make.
+        let mut theirs = SignedKeySet::new(&KeySet::new(2, vec![old.public()], 1, 7));
+        theirs.add_signature(&old);
+        assert_ne!(ours.digest(), theirs.digest());
+
+        let key = SecretKey::from_seed([41; 32]);
+        let birth_on = |session: u64, digest: Option<Sha256Digest>| {
+            let mut birth = crate::server::registry::test_birth(session, key.public());
+            birth.key_set = 2;
+            birth.key_set_digest = digest;
+            signed_presence("edge-k", Presence::Online(birth), &key)
+        };
+        for (session, digest) in [(1, Some(ours.digest())), (2, None)] {
+            let (topic, payload) = birth_on(session, digest);
+            hub.on_agent_message(&topic, &payload, NOW_MS);
+            let record = hub.agent("edge-k").unwrap();
+            assert_eq!(hub.key_set_fork(&record), None, "{digest:?}");
+        }
+        for session in [3, 4] {
+            let (topic, payload) = birth_on(session, Some(theirs.digest()));
+            hub.on_agent_message(&topic, &payload, NOW_MS);
+        }
+        let record = hub.agent("edge-k").unwrap();
+        assert_eq!(hub.key_set_fork(&record), Some(ours.digest()));
+        assert_eq!(
+            events_about(&hub, "edge-k", "key_set_forked"),
+            1,
+            "logged once"
+        );
+
+        let (topic, payload) = birth_on(5, Some(ours.digest()));
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+        assert_eq!(hub.key_set_fork(&hub.agent("edge-k").unwrap()), None);
+        let (topic, payload) = birth_on(6, Some(theirs.digest()));
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+        assert_eq!(
+            events_about(&hub, "edge-k", "key_set_forked"),
+            2,
+            "logged again once it came back after it had left the fork"
         );
     }
 

@@ -6,6 +6,7 @@
 //! | `flotilla_agents_by_version` | gauge | version | agents by the model they serve (`name@version`, or `none`) |
 //! | `flotilla_agents_by_health` | gauge | health | agents by reported health |
 //! | `flotilla_agents_by_key_set` | gauge | key_set | agents by the publisher key set version they report (`0`: none yet) |
+//! | `flotilla_agents_key_set_forked` | gauge | | agents that trust a key set of a version the server has, with another digest (another chain) |
 //! | `flotilla_pending_agents` | gauge | | agents waiting for an admin to accept their key |
 //! | `flotilla_trusted_key_set` | gauge | | the key set version the server trusts (0: no publisher key) |
 //! | `flotilla_rollouts` | gauge | state | rollouts by state |
@@ -100,6 +101,7 @@ pub struct ServerMetrics {
     by_version: Family<Version, Gauge>,
     by_health: Family<HealthLabel, Gauge>,
     by_key_set: Family<KeySetLabel, Gauge>,
+    key_set_forked: Gauge,
     pending_agents: Gauge,
     trusted_key_set: Gauge,
     rollouts: Family<State, Gauge>,
@@ -131,6 +133,7 @@ impl ServerMetrics {
             by_version: Family::default(),
             by_health: Family::default(),
             by_key_set: Family::default(),
+            key_set_forked: Gauge::default(),
             pending_agents: Gauge::default(),
             trusted_key_set: Gauge::default(),
             rollouts: Family::default(),
@@ -166,6 +169,11 @@ impl ServerMetrics {
             "flotilla_agents_by_key_set",
             "Agents by the publisher key set version they report",
             metrics.by_key_set.clone(),
+        );
+        registry.register(
+            "flotilla_agents_key_set_forked",
+            "Agents that trust a key set of a version the server has, with another digest",
+            metrics.key_set_forked.clone(),
         );
         registry.register(
             "flotilla_pending_agents",
@@ -269,8 +277,10 @@ impl ServerMetrics {
         let mut versions: BTreeMap<String, i64> = BTreeMap::new();
         let mut health: BTreeMap<&str, i64> = BTreeMap::new();
         let mut key_sets: BTreeMap<u64, i64> = BTreeMap::new();
+        let mut forked = 0i64;
         for agent in hub.all_agents() {
             *key_sets.entry(agent.key_set).or_default() += 1;
+            forked += i64::from(hub.key_set_fork(agent).is_some());
             *presence
                 .entry(if agent.online { "online" } else { "offline" })
                 .or_default() += 1;
@@ -304,6 +314,7 @@ impl ServerMetrics {
                 .get_or_create(&KeySetLabel { key_set })
                 .set(n);
         }
+        self.key_set_forked.set(forked);
         self.pending_agents.set(hub.pending_count() as i64);
         let trusted = hub.trust().0.map_or(0, |k| k.version());
         self.trusted_key_set

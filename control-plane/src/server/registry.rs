@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use flotilla_shared::wire::{
     ActiveModel, Birth, Capabilities, DesiredBundle, Health, Heartbeat, HostMetrics, VersionMetrics,
 };
-use flotilla_shared::PublicKey;
+use flotilla_shared::{PublicKey, Sha256Digest};
 use serde::{Deserialize, Serialize};
 
 /// Everything the server keeps about one agent.
@@ -60,6 +60,11 @@ pub struct AgentRecord {
     /// Version of the publisher key set it trusts, as last reported (0: not reported yet).
     #[serde(default)]
     pub key_set: u64,
+    /// Digest of that key set, as last reported (`None`: the keys it was configured with, or
+    /// an agent that does not report it).
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub key_set_digest: Option<Sha256Digest>,
     /// The key its reports must be signed with: the one its first birth named (hex in JSON;
     /// null only for a record from before agents signed their reports).
     #[serde(default)]
@@ -118,6 +123,7 @@ impl AgentRecord {
             telemetry_missing: 0,
             telemetry_dropped_by_agent: 0,
             key_set: 0,
+            key_set_digest: None,
             identity: None,
             session_ended: false,
         }
@@ -147,6 +153,7 @@ impl AgentRecord {
             self.capabilities = Some(birth.capabilities.clone());
             self.active = birth.active.clone();
             self.key_set = birth.key_set;
+            self.key_set_digest = birth.key_set_digest;
         }
         if birth.session > self.session {
             self.session_ended = false;
@@ -210,6 +217,7 @@ impl AgentRecord {
         self.models = heartbeat.models.clone();
         self.telemetry_dropped_by_agent = heartbeat.dropped_telemetry;
         self.key_set = heartbeat.key_set;
+        self.key_set_digest = heartbeat.key_set_digest;
         if !self.online && heartbeat.session >= self.session && self.session > 0 {
             self.session = heartbeat.session;
             self.online = true;
@@ -263,6 +271,7 @@ pub(crate) fn test_birth(session: u64, identity: PublicKey) -> Birth {
         },
         active: None,
         key_set: 1,
+        key_set_digest: None,
         identity,
     }
 }

@@ -54,6 +54,10 @@ pub struct Birth {
     /// sets), so the control plane signs its desired states with the key that set names.
     #[serde(default)]
     pub key_set: u64,
+    /// [`crate::keyset::SignedKeySet::digest`] of that key set; `None` while the agent trusts
+    /// the keys it was configured with (and from agents that predate this field).
+    #[serde(default)]
+    pub key_set_digest: Option<Sha256Digest>,
     /// The agent's own public key, which signs all it reports ([`super::SignedReport`]).
     pub identity: PublicKey,
 }
@@ -120,6 +124,9 @@ pub struct Heartbeat {
     /// Version of the publisher key set the agent trusts (0 from agents that predate key sets).
     #[serde(default)]
     pub key_set: u64,
+    /// Digest of that key set, as in [`Birth::key_set_digest`].
+    #[serde(default)]
+    pub key_set_digest: Option<Sha256Digest>,
 }
 
 /// Overall agent state.
@@ -319,6 +326,9 @@ pub enum EventKind {
     KeySetApplied {
         /// The set's version.
         version: u64,
+        /// Its [`crate::keyset::SignedKeySet::digest`] (`None` from agents that predate it).
+        #[serde(default)]
+        digest: Option<Sha256Digest>,
         /// Its publisher keys.
         publishers: Vec<KeyId>,
         /// Distinct signatures a bundle needs from now on.

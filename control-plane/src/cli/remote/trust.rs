@@ -121,5 +121,31 @@ fn describe(trust: &Value) -> String {
         }
         text.push_str(&table.render("  "));
     }
+    let forked = trust["forked"].as_array().cloned().unwrap_or_default();
+    if !forked.is_empty() {
+        text.push_str(&format!(
+            "{} agent(s) trust a key set this server did not issue (another chain):\n",
+            forked.len()
+        ));
+        let mut table = Table::new(&["AGENT", "KEY SET", "THEIRS", "OURS", "PRESENCE"]);
+        for agent in &forked {
+            let digest = |field: &str| {
+                let hex = agent[field].as_str().unwrap_or("?");
+                hex[..16.min(hex.len())].to_owned()
+            };
+            table.row(vec![
+                agent["agent"].as_str().unwrap_or("?").to_owned(),
+                agent["key_set"].to_string(),
+                digest("reported"),
+                digest("expected"),
+                if agent["online"].as_bool() == Some(true) {
+                    "online".into()
+                } else {
+                    "offline".into()
+                },
+            ]);
+        }
+        text.push_str(&table.render("  "));
+    }
     text
 }

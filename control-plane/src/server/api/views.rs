@@ -54,6 +54,24 @@ pub struct TrustView {
     pub key_sets: Vec<KeySetView>,
     /// Agents whose latest report names an older key set (0: none reported yet).
     pub behind: Vec<AgentKeySet>,
+    /// Agents that report a key set of a version this server has with another digest: they
+    /// follow another chain of key sets.
+    pub forked: Vec<ForkedAgent>,
+}
+
+/// An agent on another chain of key sets than the server's.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ForkedAgent {
+    /// Agent id.
+    pub agent: String,
+    /// Key set version it trusts.
+    pub key_set: u64,
+    /// Digest of the set it reports, hex.
+    pub reported: String,
+    /// Digest of this server's set of that version, hex.
+    pub expected: String,
+    /// Whether it is connected.
+    pub online: bool,
 }
 
 /// One trusted publisher key.
@@ -130,6 +148,19 @@ impl TrustView {
                 online: a.online,
             })
             .collect();
+        let forked = hub
+            .all_agents()
+            .filter_map(|a| {
+                let expected = hub.key_set_fork(a)?;
+                Some(ForkedAgent {
+                    agent: a.id.clone(),
+                    key_set: a.key_set,
+                    reported: a.key_set_digest?.to_hex(),
+                    expected: expected.to_hex(),
+                    online: a.online,
+                })
+            })
+            .collect();
         Self {
             version,
             threshold: keys.map(|k| k.threshold()),
@@ -137,6 +168,7 @@ impl TrustView {
             control_plane: hub.control_plane_key().id().0.to_hex(),
             key_sets,
             behind,
+            forked,
         }
     }
 }
