@@ -1547,7 +1547,7 @@ async fn a_reset_device_is_heard_again_once_an_admin_accepts_its_new_key() {
     let (status, body) = accept(&fleet, "edge-r", &first.id().0.to_hex(), ADMIN_TOKEN).await;
     assert_eq!(
         status, 409,
-        "the key offered is not the one named: {body:#}"
+        "the registered key is registered already: {body:#}"
     );
     let (status, body) = accept(&fleet, "edge-r", "12ab", ADMIN_TOKEN).await;
     assert_eq!(status, 400, "{body:#}");

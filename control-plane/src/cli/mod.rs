@@ -123,9 +123,9 @@ pub enum AgentsCommand {
         remote: RemoteArgs,
     },
     /// Accept the key a pending agent offers (admin). Compare the key with what
-    /// `flotilla-agent identity` prints on the device first. For an agent not registered yet
-    /// that has not connected, or waits with another key, this approves the key ahead: its
-    /// next connection with that key registers.
+    /// `flotilla-agent identity` prints on the device first. Any other key is approved ahead:
+    /// the next connection with it registers, and for a registered agent (a replacement
+    /// device) takes the id over once the agent is offline and in no active rollout.
     Accept {
         /// The agent's id.
         id: String,

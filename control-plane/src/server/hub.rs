@@ -120,8 +120,10 @@ pub struct Hub {
     /// Per agent, the release it was last not given because it expired: `release_expired`
     /// is logged once for each, not every time the agent is considered.
     expired_notices: BTreeMap<String, String>,
-    /// Keys approved ahead for agents not seen yet (kept in the store): a first birth with
-    /// that key registers whatever the admission, one with another key waits.
+    /// Keys approved ahead (kept in the store): for an agent not registered, a birth with
+    /// that key registers whatever the admission and one with another key waits; for a
+    /// registered one, a device with that key replaces it once it is offline and in no active
+    /// rollout.
     approvals: BTreeMap<String, KeyId>,
     /// Per agent, the key set digest it was last logged for as following another chain:
     /// `key_set_forked` is logged once for each, not on every heartbeat.
@@ -133,7 +135,8 @@ pub struct Hub {
 pub enum Approval {
     /// The agent was waiting with that key: it is registered now.
     Accepted(Box<AgentRecord>),
-    /// The agent has not been seen: it registers when it first connects with that key.
+    /// The agent does not wait with that key: a device registers with it when it next
+    /// connects (replacing a registered agent that is offline and in no active rollout).
     Ahead,
 }
 
@@ -420,6 +423,15 @@ impl Hub {
                 if !report.is_signed_by(topic, &birth.identity) {
                     return Err(Drop::Unauthenticated("bad signature".into()));
                 }
+                if self.approvals.get(agent) == Some(&birth.identity.id()) {
+                    match self.replace_approved(agent, &birth.identity, now_ms) {
+                        Ok(true) => return Ok(()),
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::error!(agent, error = %format!("{e:#}"), "cannot replace an agent by its approved successor");
+                        }
+                    }
+                }
                 self.hold(agent, birth, Some(registered), now_ms);
                 return Err(Drop::Unauthenticated(format!(
                     "birth names key {}, not the registered {}",
@@ -572,24 +584,25 @@ impl Hub {
     }
 
     /// Approves `key_id` for agent `id`: accepts it if the agent waits with that key (see
-    /// [`Hub::accept_agent`]), or, for an agent not registered yet, keeps the approval so its
-    /// next birth with that key registers whatever the admission. So a new agent whose
-    /// pending birth another client keeps replacing with its own key can still be admitted.
+    /// [`Hub::accept_agent`]), or else keeps the approval so the next birth with that key
+    /// registers whatever the admission. So an agent whose pending birth another client keeps
+    /// replacing with its own key can still be admitted, and a replacement device can be
+    /// approved before it is installed: for a registered agent it takes the id over once
+    /// the agent is offline and in no active rollout (see [`Hub::forget_agent`]).
     pub fn approve_agent(
         &mut self,
         id: &str,
         key_id: &KeyId,
         now_ms: u64,
     ) -> Result<Approval, HubError> {
-        let registered = self.agents.contains_key(id);
-        let offered = self.pending.get(id).map(|p| p.identity.id());
-        if offered == Some(*key_id) || (offered.is_some() && registered) {
+        if self.pending.get(id).map(|p| p.identity.id()) == Some(*key_id) {
             let record = self.accept_agent(id, key_id, now_ms)?;
             return Ok(Approval::Accepted(Box::new(record)));
         }
-        if registered {
+        let registered = self.agents.get(id).and_then(|a| a.identity);
+        if registered.is_some_and(|key| key.id() == *key_id) {
             return Err(HubError::Conflict(format!(
-                "{id} is registered and waits for nothing; a key it offers later can be accepted then"
+                "{id} is registered with key {key_id} already"
             )));
         }
         flotilla_shared::wire::check_agent_id(id).map_err(HubError::Invalid)?;
@@ -609,6 +622,29 @@ impl Hub {
             now_ms,
         )?;
         Ok(Approval::Ahead)
+    }
+
+    /// Replaces registered agent `agent` by the device whose `key` was approved ahead for its
+    /// id, if the agent can be forgotten now (offline, in no active rollout): the caller then
+    /// applies the device's birth, which registers `key`. `false` if it cannot be yet.
+    fn replace_approved(&mut self, agent: &str, key: &PublicKey, now_ms: u64) -> Result<bool> {
+        if self.check_forgettable(agent).is_err() {
+            return Ok(false);
+        }
+        self.remove_agent(agent)?;
+        self.withdraw_approval(agent)?;
+        self.log(
+            Some(agent),
+            None,
+            "agent_accepted",
+            format!(
+                "{agent} joined with key {}, approved ahead, replacing its earlier registration",
+                key.id()
+            ),
+            serde_json::json!({ "key": key.id().0, "approved_ahead": true, "replaced": true }),
+            now_ms,
+        )?;
+        Ok(true)
     }
 
     /// Drops the key approved ahead for `id`, if any.
@@ -2152,6 +2188,46 @@ mod tests {
         );
         assert_eq!(hub.agent("edge-o").unwrap().identity, Some(device.public()));
         assert_eq!(hub.pending_count(), 1, "it still waits");
+    }
+
+    #[test]
+    fn a_replacement_device_approved_ahead_takes_the_id_over_once_the_old_one_is_offline() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut hub = hub(dir.path(), &SecretKey::from_seed([1; 32]));
+        hub.admission = Admission::Accept;
+        let (old, new) = (
+            SecretKey::from_seed([42; 32]),
+            SecretKey::from_seed([43; 32]),
+        );
+        hub.approve_agent("edge-z", &old.public().id(), NOW_MS)
+            .unwrap();
+        let (topic, payload) = signed_birth("edge-z", 1, &old);
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+        assert!(matches!(
+            hub.approve_agent("edge-z", &old.public().id(), NOW_MS),
+            Err(HubError::Conflict(_))
+        ));
+
+        let approval = hub.approve_agent("edge-z", &new.public().id(), NOW_MS);
+        assert!(matches!(approval, Ok(Approval::Ahead)), "{approval:?}");
+        // While the old device is online, the new one waits.
+        let (topic, payload) = signed_birth("edge-z", 1, &new);
+        hub.on_agent_message(&topic, &payload, NOW_MS);
+        assert_eq!(hub.agent("edge-z").unwrap().identity, Some(old.public()));
+        assert_eq!(hub.pending_count(), 1);
+
+        let will = signed_presence("edge-z", Presence::Offline { session: 1 }, &old);
+        hub.on_agent_message(&will.0, &will.1, NOW_MS + 1);
+        let (topic, payload) = signed_birth("edge-z", 2, &new);
+        hub.on_agent_message(&topic, &payload, NOW_MS + 2);
+        let record = hub.agent("edge-z").unwrap();
+        assert_eq!(record.identity, Some(new.public()));
+        assert!(record.online);
+        assert_eq!(hub.pending_count(), 0);
+        assert!(hub.approvals().is_empty(), "the approval is used up");
+        let (topic, payload) = signed_birth("edge-z", 9, &old);
+        hub.on_agent_message(&topic, &payload, NOW_MS + 3);
+        assert_eq!(hub.agent("edge-z").unwrap().identity, Some(new.public()));
     }
 
     #[test]

@@ -393,9 +393,10 @@ struct ApprovedAgent {
 }
 
 /// Registers the key a pending agent offers (admin; 200 with the agent): a known agent
-/// offering a new key must be offline and in no active rollout, and joins anew. For an agent
-/// not seen yet the key is approved ahead (202): its first birth with that key registers,
-/// whatever the admission, and one with another key waits.
+/// offering a new key must be offline and in no active rollout, and joins anew. Any other key
+/// is approved ahead (202): the next birth with it registers whatever the admission, one with
+/// another key waits, and for a registered agent (a replacement device) it takes the id over
+/// once the agent is offline and in no active rollout. 409 for the key already registered.
 #[utoipa::path(post, path = "/api/v1/pending-agents/{id}/accept", tag = "agents",
     params(("id" = String, Path, description = "Agent id")), security(("bearer" = [])),
     request_body = AcceptBody,
