@@ -46,6 +46,30 @@ async fn wait_caught_up(fleet: &Fleet, version: u64) -> Value {
     trust
 }
 
+/// What `flotilla keyset status` prints for the server at `server`, as a viewer.
+fn keyset_status(server: &str) -> String {
+    let (ok, out, err) = run_flotilla(&[
+        "keyset".as_ref(),
+        "status".as_ref(),
+        "--server".as_ref(),
+        server.as_ref(),
+        "--token".as_ref(),
+        VIEWER_TOKEN.as_ref(),
+    ]);
+    assert!(ok, "{out}{err}");
+    out
+}
+
+/// The server's `/metrics` text.
+async fn metrics_text(fleet: &Fleet) -> String {
+    reqwest::get(format!("http://{}/metrics", fleet.server().api_addr))
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
 /// Unix milliseconds now.
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -159,15 +183,7 @@ async fn a_pushed_key_set_reaches_every_agent_and_retires_the_old_key() {
     assert!(ok, "{out}{err}");
     assert!(out.contains("key set 2 is trusted now"), "{out}");
     wait_caught_up(&fleet, 2).await;
-    let (ok, out, err) = run_flotilla(&[
-        "keyset".as_ref(),
-        "status".as_ref(),
-        "--server".as_ref(),
-        server.as_ref(),
-        "--token".as_ref(),
-        VIEWER_TOKEN.as_ref(),
-    ]);
-    assert!(ok, "{out}{err}");
+    let out = keyset_status(&server);
     assert!(
         out.contains("trusted: key set 2") && out.contains("every agent reports this key set"),
         "{out}"
@@ -205,12 +221,7 @@ async fn a_pushed_key_set_reaches_every_agent_and_retires_the_old_key() {
         "{applied:#?}"
     );
 
-    let metrics = reqwest::get(format!("http://{}/metrics", fleet.server().api_addr))
-        .await
-        .expect("metrics answer")
-        .text()
-        .await
-        .expect("metrics text");
+    let metrics = metrics_text(&fleet).await;
     assert!(
         metrics.contains("flotilla_trusted_key_set 3")
             && metrics.contains("flotilla_agents_by_key_set{key_set=\"3\"} 2"),
@@ -272,26 +283,13 @@ async fn a_pushed_key_set_reaches_every_agent_and_retires_the_old_key() {
         Some(1),
         "{trust:#}"
     );
-    let (ok, out, err) = run_flotilla(&[
-        "keyset".as_ref(),
-        "status".as_ref(),
-        "--server".as_ref(),
-        server.as_ref(),
-        "--token".as_ref(),
-        VIEWER_TOKEN.as_ref(),
-    ]);
-    assert!(ok, "{out}{err}");
+    let out = keyset_status(&server);
     assert!(
         out.contains("1 agent(s) trust a key set this server did not issue")
             && out.contains("edge-fork"),
         "{out}"
     );
-    let metrics = reqwest::get(format!("http://{}/metrics", fleet.server().api_addr))
-        .await
-        .expect("metrics answer")
-        .text()
-        .await
-        .expect("metrics text");
+    let metrics = metrics_text(&fleet).await;
     assert!(
         metrics.contains("flotilla_agents_key_set_forked 1"),
         "{metrics}"
