@@ -113,7 +113,7 @@ pub enum AgentsCommand {
         #[command(flatten)]
         remote: RemoteArgs,
     },
-    /// List keys approved ahead for agents not seen yet.
+    /// List keys approved ahead and not used yet (new agents and replacement devices).
     Approved {
         /// Print the API's JSON instead of a table.
         #[arg(long)]

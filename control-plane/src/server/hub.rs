@@ -655,7 +655,7 @@ impl Hub {
         Ok(())
     }
 
-    /// Keys approved ahead for agents not seen yet, by agent id.
+    /// Keys approved ahead and not used yet, by agent id.
     pub fn approvals(&self) -> &BTreeMap<String, KeyId> {
         &self.approvals
     }

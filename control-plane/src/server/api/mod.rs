@@ -383,7 +383,7 @@ struct AcceptBody {
     key_id: flotilla_shared::KeyId,
 }
 
-/// A key approved ahead for an agent not seen yet.
+/// A key approved ahead and not used yet.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 struct ApprovedAgent {
     /// Agent id.
@@ -428,7 +428,9 @@ async fn accept_agent(
     Ok(answer)
 }
 
-/// Keys approved ahead for agents not seen yet (`DELETE /api/v1/agents/{id}` withdraws one).
+/// Keys approved ahead and not used yet: for agents not registered, and replacement devices
+/// of registered ones. Approving another key replaces one; `DELETE /api/v1/agents/{id}`
+/// withdraws one with the agent.
 #[utoipa::path(get, path = "/api/v1/approved-agents", tag = "agents", security(("bearer" = [])),
     responses((status = 200, body = Vec<ApprovedAgent>)))]
 async fn list_approved_agents(
