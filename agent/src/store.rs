@@ -243,11 +243,7 @@ impl Store {
         signed: &SignedKeySet,
         floors: &BTreeMap<String, u64>,
     ) -> Result<bool> {
-        let done = [
-            keys::FLOORS_RESET,
-            Sha256Digest::of(&signed.body).to_hex().as_bytes(),
-        ]
-        .concat();
+        let done = [keys::FLOORS_RESET, signed.digest().to_hex().as_bytes()].concat();
         if self
             .state
             .get(&done)

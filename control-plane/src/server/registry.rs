@@ -4,8 +4,8 @@
 //! any presence message) from an older session is stale and ignored, so a late will never
 //! marks a reconnected agent offline. A will ends its session for good: that session's birth
 //! again (a replay of the signed message, which anyone on the broker could have kept) is
-//! stale too, because an agent takes a new session number for every connection. Telemetry carries a per-agent sequence number; the
-//! registry counts gaps (items that never arrived) and drops duplicates (QoS 1 redeliveries).
+//! stale too, because an agent takes a new session number for every connection. Telemetry
+//! carries a per-agent sequence number; the registry counts gaps (items that never arrived) and drops duplicates (QoS 1 redeliveries).
 
 use std::collections::BTreeMap;
 

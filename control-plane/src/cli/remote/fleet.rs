@@ -144,8 +144,8 @@ pub(in crate::cli) fn pending(remote: &RemoteArgs, as_json: bool) -> Result<()> 
     let mut out = Table::new(&["AGENT", "KEY", "REGISTERED KEY", "WAITING", "LABELS"]);
     for row in &rows {
         let registered = match (&row.registered_key_id, &row.approved_key_id) {
-            (Some(key), _) => short_key(key).to_owned(),
-            (None, Some(key)) => format!("none; {} approved", short_key(key)),
+            (Some(key), _) => table::short_hex(key).to_owned(),
+            (None, Some(key)) => format!("none; {} approved", table::short_hex(key)),
             (None, None) => "none (new)".into(),
         };
         out.row(vec![
@@ -180,8 +180,8 @@ pub(in crate::cli) fn approved(remote: &RemoteArgs, as_json: bool) -> Result<()>
 
 /// Accepts the key a pending agent offers (`flotilla agents accept`). `key` is the whole key
 /// id (a prefix could be matched by a key ground for it): the server registers the agent if it
-/// waits with that key, and otherwise, for an agent not registered yet, approves the key
-/// ahead.
+/// waits with that key, and otherwise approves the key ahead (for a new agent, or a registered
+/// agent's replacement device).
 pub(in crate::cli) fn accept(id: &str, key: &str, remote: &RemoteArgs) -> Result<()> {
     flotilla_shared::wire::check_agent_id(id).map_err(anyhow::Error::msg)?;
     let key = key.to_ascii_lowercase();
@@ -200,15 +200,13 @@ pub(in crate::cli) fn accept(id: &str, key: &str, remote: &RemoteArgs) -> Result
     if answer.status == reqwest::StatusCode::ACCEPTED {
         return emit(&format!(
             "approved {id} ahead with key {}: it registers when it next connects with that key\n",
-            short_key(&key)
+            table::short_hex(&key)
         ));
     }
-    emit(&format!("accepted {id} with key {}\n", short_key(&key)))
-}
-
-/// The leading 16 hex digits of a key id, for tables and messages.
-fn short_key(key_id: &str) -> &str {
-    key_id.get(..16).unwrap_or(key_id)
+    emit(&format!(
+        "accepted {id} with key {}\n",
+        table::short_hex(&key)
+    ))
 }
 
 fn health_label(health: Option<&Health>) -> String {

@@ -52,6 +52,12 @@ impl Table {
 }
 
 /// Labels as `k=v,k=v`, in key order.
+/// The leading 16 hex digits of a key id or digest, for tables and messages (all of it when
+/// shorter).
+pub(super) fn short_hex(hex: &str) -> &str {
+    hex.get(..16).unwrap_or(hex)
+}
+
 pub(super) fn labels(labels: &std::collections::BTreeMap<String, String>) -> String {
     labels
         .iter()

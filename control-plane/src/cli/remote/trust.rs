@@ -6,7 +6,7 @@ use anyhow::Result;
 use reqwest::blocking::Body;
 use serde_json::Value;
 
-use super::table::Table;
+use super::table::{short_hex, Table};
 use super::{emit, print_json, Client, RemoteArgs};
 
 /// Pushes a signed key set; the server checks that it follows the one it trusts and sends the
@@ -85,7 +85,7 @@ fn describe(trust: &Value) -> String {
                 set["threshold"].to_string(),
                 set["control_plane"]
                     .as_str()
-                    .map_or_else(|| "-".to_owned(), |id| id[..12.min(id.len())].to_owned()),
+                    .map_or_else(|| "-".to_owned(), |id| short_hex(id).to_owned()),
                 if floors.is_empty() {
                     "-".into()
                 } else {
@@ -129,10 +129,7 @@ fn describe(trust: &Value) -> String {
         ));
         let mut table = Table::new(&["AGENT", "KEY SET", "THEIRS", "OURS", "PRESENCE"]);
         for agent in &forked {
-            let digest = |field: &str| {
-                let hex = agent[field].as_str().unwrap_or("?");
-                hex[..16.min(hex.len())].to_owned()
-            };
+            let digest = |field: &str| short_hex(agent[field].as_str().unwrap_or("?")).to_owned();
             table.row(vec![
                 agent["agent"].as_str().unwrap_or("?").to_owned(),
                 agent["key_set"].to_string(),
